@@ -1,0 +1,3 @@
+"""ddtrain: data-parallel training of small networks, numpy/CuPy engine, MPI allreduce."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from ddtrain.cli import main
+
+main()

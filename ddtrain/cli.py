@@ -1,0 +1,207 @@
+"""The `ddtrain` command line: the only module that reads argv.
+
+Flow: options -> Config (ddtrain.config) -> backend, communicator -> Trainer. Heavy modules
+(numpy, mpi4py, the engine) are imported inside the commands, so `ddtrain --help` is fast and
+BLAS thread counts can be set before numpy loads.
+
+Errors: a DDTrainError prints one line ``error: ...`` (``rank R: ...`` under MPI) and exits
+with its code (2 for usage/config, 1 for runtime); ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from ddtrain.errors import ConfigError, DDTrainError
+
+STARTED = time.perf_counter()
+
+
+class Context:
+    debug = False
+
+
+def _fail(e: BaseException, code: int) -> None:
+    if Context.debug:
+        traceback.print_exc()
+    rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
+    size = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE")
+    prefix = f"rank {rank}: " if rank is not None and size not in (None, "1") else ""
+    click.echo(f"{prefix}error: {e}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """Turns DDTrainError into a one-line message and an exit code, everywhere."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DDTrainError as e:
+            _fail(e, e.exit_code)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.version_option(package_name="ddtrain")
+def main(debug: bool) -> None:
+    """ddtrain: data-parallel training on FashionMNIST with a numpy/CuPy engine and MPI.
+
+    \b
+    One process:   ddtrain train
+    Four ranks:    mpirun -n 4 ddtrain train      (or: ddtrain launch -n 4 -- train)
+    """
+    Context.debug = debug or os.environ.get("DDTRAIN_DEBUG") == "1"
+
+
+# ------------------------------------------------------------------------------ train
+def _parse_chaos(text: str | None) -> dict:
+    if not text:
+        return {}
+    parts = text.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ConfigError(f"--chaos {text!r}: expected ACTION:RANK:STEP, e.g. kill:1:20 "
+                          f"(actions: kill, stop, raise, nan)")
+    return {"chaos.action": parts[0], "chaos.rank": int(parts[1]), "chaos.step": int(parts[2])}
+
+
+def _run_dir(run_dir: str | None, config: str) -> Path:
+    if run_dir:
+        return Path(run_dir)
+    return Path("runs") / Path(config).stem
+
+
+def _prepare_run_dir(path: Path, resume: str | None, overwrite: bool) -> None:
+    """Rank 0 only: create the run directory, refusing to mix a new run into an old one."""
+    import shutil
+    if path.exists() and (path / "metrics.jsonl").exists() and not resume:
+        if not overwrite:
+            raise ConfigError(f"run directory {path} already holds a run: continue it with --resume auto, "
+                              f"pick another --run-dir, or pass --overwrite to replace it")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise DDTrainError(f"run directory {path} is not writable: {e.strerror or e}; "
+                           f"choose another --run-dir") from None
+
+
+@main.command()
+@click.option("--config", "config", default="mlp", show_default=True,
+              help="A YAML config file, or a bundled one: mlp, quickstart, tanh, tiny.")
+@click.option("--epochs", type=int, help="Epochs to train (train.epochs).")
+@click.option("--batch-size", type=int, help="GLOBAL batch size, whatever the number of ranks.")
+@click.option("--lr", type=float, help="Base learning rate (optimizer.lr).")
+@click.option("--seed", type=int, help="Seed of the initial weights and the data order.")
+@click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="auto", show_default=True)
+@click.option("--data-dir", type=click.Path(), help="FashionMNIST directory (else $DDTRAIN_DATA, cache, Debian).")
+@click.option("--dataset", help="fashion-mnist or torchvision:NAME (data.dataset).")
+@click.option("--run-dir", type=click.Path(), help="Where metrics and checkpoints go [runs/CONFIG].")
+@click.option("--resume", help="auto (newest valid checkpoint of --run-dir) or a checkpoint path.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in --run-dir.")
+@click.option("--train-samples", type=int, help="Train on the first N training images.")
+@click.option("--threads", type=int, help="BLAS threads per rank [cores / ranks on the node].")
+@click.option("--timeout", type=float, help="Seconds a collective may take before the job aborts.")
+@click.option("--deterministic", is_flag=True, default=None,
+              help="Bitwise identical weights for any number of ranks (fixed micro-shards).")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(), help="Also write TensorBoard scalars here.")
+@click.option("--chaos", help="Fault injection for drills: ACTION:RANK:STEP (kill, stop, raise, nan).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. optimizer.lr=0.1.")
+def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_dir, resume, overwrite,
+          train_samples, threads, timeout, deterministic, tensorboard_dir, chaos, sets):
+    """Train a model (the default: configs/mlp.yaml) and write metrics and checkpoints."""
+    from ddtrain.dist.threads import configure_threads
+    n_threads = configure_threads(threads)  # before numpy is imported
+    from ddtrain.backend import resolve_backend
+    from ddtrain.config import load_config
+    from ddtrain.dist import world
+
+    overrides = {k: v for k, v in {
+        "train.epochs": epochs, "train.batch_size": batch_size, "optimizer.lr": lr, "train.seed": seed,
+        "data.dataset": dataset, "data.train_samples": train_samples, "dist.timeout": timeout,
+        "dist.deterministic": deterministic}.items() if v is not None}
+    overrides.update(_parse_chaos(chaos))
+    cfg = load_config(config, overrides, list(sets))
+    backend = resolve_backend(device)
+    comm = world(timeout=cfg.dist.timeout)
+    path = _run_dir(run_dir, config)
+    log = (lambda msg: click.echo(msg, err=False)) if comm.rank == 0 else (lambda msg: None)
+    with _guard(comm):
+        if comm.rank == 0:
+            _prepare_run_dir(path, resume, overwrite)
+            import yaml
+            (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        from ddtrain.train.trainer import Trainer
+        trainer = Trainer(cfg, comm, backend, path, data_dir=data_dir, log=log,
+                          progress=sys.stdout.isatty(), tensorboard_dir=tensorboard_dir)
+        log(f"ddtrain: {comm.size} rank(s) on {trainer.backend.device}, {n_threads} BLAS thread(s) per rank, "
+            f"{trainer.params.size:,} parameters, {trainer.n_train:,} training samples, "
+            f"global batch {cfg.train.batch_size}, {trainer.steps_per_epoch} steps/epoch, run dir {path}")
+        trainer.agree()
+        if resume:
+            trainer.resume(resume)
+        summary = trainer.fit()
+        log(f"done: test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f}, "
+            f"{(summary['samples_per_second'] or 0):,.0f} samples/s, {summary['wall_seconds']:.1f} s, "
+            f"summary in {path / 'summary.json'}")
+
+
+def _guard(comm):
+    """Under MPI: an exception on any rank aborts the whole job (no rank waits forever)."""
+    if comm.size == 1:
+        from contextlib import nullcontext
+        return nullcontext()
+    from ddtrain.dist import abort_on_exception
+    return abort_on_exception(comm, debug=Context.debug)
+
+
+# ------------------------------------------------------------------------------ evaluate
+@main.command()
+@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(),
+              help="A checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its newest).")
+@click.option("--data-dir", type=click.Path())
+@click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(checkpoint, data_dir, device, as_json):
+    """Test loss and accuracy of a checkpoint."""
+    from ddtrain.train.evaluate import evaluate_checkpoint
+    result = evaluate_checkpoint(Path(checkpoint), data_dir=data_dir, device=device,
+                                 warn=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{result['checkpoint']}: step {result['step']}, test loss {result['test_loss']:.4f}, "
+                   f"test accuracy {result['test_accuracy']:.4f} ({result['samples']} samples)")
+
+
+# ------------------------------------------------------------------------------ gradcheck
+@main.command()
+@click.option("--config", "config", default="mlp", show_default=True, help="Config whose model to check.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def gradcheck(config, seed):
+    """Numerical gradient check (float64, central differences) of a config's model and loss."""
+    from ddtrain.config import load_config
+    from ddtrain.engine.gradcheck import format_table, gradcheck_config
+    cfg = load_config(config)
+    in_shape = (28, 28)
+    rows = gradcheck_config(cfg.model.layers, in_shape, cfg.model.loss, seed=seed)
+    click.echo(format_table(rows))
+    if not all(r[-1] for r in rows):
+        raise DDTrainError("gradient check failed: see the rows marked FAIL above")
