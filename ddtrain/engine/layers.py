@@ -1,0 +1,315 @@
+"""Layers: each one's forward and its derivative side by side.
+
+Contract every layer keeps (Sequential and gradcheck rely on it):
+  * shapes are per sample: ``in_shape`` excludes the batch axis; ``forward`` gets
+    ``x`` of shape (N, *in_shape) and returns (N, *output_shape(in_shape));
+  * parameters are declared by name and shape (`param_shapes`), then handed in as
+    views of the model's flat buffers (`bind`); a layer writes into those views and
+    never rebinds them (``out=``, ``[...] =``), or the update would be lost;
+  * ``backward(dy)`` OVERWRITES this layer's gradients with those of this batch
+    (no ``+=``: one backward per step, zeroing is not needed) and returns dx,
+    or None when ``needs_input_grad`` is False (the model's first layer);
+  * forward keeps only what backward needs (Linear keeps x, ReLU/Tanh/Sigmoid their
+    output, Dropout its mask);
+  * arrays returned by forward/backward are buffers the layer owns and reuses for
+    the next call with the same batch shape: read them (or copy them) before then.
+    This is what makes a steady-state training step allocation-free;
+  * math goes through ``self.xp`` (numpy or cupy, set by Sequential from the
+    backend), with no branch per backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+INIT_SCHEMES = ("pytorch", "he", "xavier")
+
+
+class BufferPool:
+    """Arrays reused across calls: one per (tag, shape, dtype), allocated on first request.
+
+    A batch of a new shape (the last, smaller batch of an epoch; evaluation) gets its own
+    arrays once; after that no step allocates.
+    """
+
+    def __init__(self):
+        self._arrays: dict = {}
+
+    def get(self, xp, tag: str, shape: tuple, dtype):
+        key = (tag, tuple(shape), np.dtype(dtype))
+        a = self._arrays.get(key)
+        if a is None:
+            a = self._arrays[key] = xp.empty(shape, dtype=dtype)
+        return a
+
+
+class Layer:
+    """Base class: no parameters, shape-preserving, a no-op batch context."""
+
+    xp = np  # Sequential sets the backend's array module
+    index = 0  # position in the model; Dropout seeds its masks with it
+    needs_input_grad = True
+
+    def __init__(self):
+        self._pool = BufferPool()
+        self.params: dict = {}
+        self.grads: dict = {}
+
+    # -- declaration -----------------------------------------------------------------
+    def param_shapes(self, in_shape: tuple) -> dict[str, tuple]:
+        """{name: shape} of this layer's parameters for per-sample input `in_shape`."""
+        return {}
+
+    def output_shape(self, in_shape: tuple) -> tuple:
+        return tuple(in_shape)
+
+    def bind(self, params: dict, grads: dict) -> None:
+        """Take views of the flat buffers, keys as in `param_shapes`."""
+        self.params, self.grads = params, grads
+
+    def init_params(self, rng: np.random.Generator, scheme: str) -> None:
+        """Fill the bound parameter views in place, drawing from the host `rng`."""
+
+    def set_batch_context(self, seed: int, step: int, offset: int, global_batch: int) -> None:
+        """Where this batch sits in the global batch (only Dropout cares)."""
+
+    # -- computation -----------------------------------------------------------------
+    def forward(self, x, train: bool):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    # -- helpers ---------------------------------------------------------------------
+    def _buf(self, tag: str, shape: tuple, dtype):
+        """This layer's reusable device array for (tag, shape, dtype)."""
+        return self._pool.get(self.xp, tag, shape, dtype)
+
+    def describe(self) -> str:
+        """A short label for tables (model summary, gradcheck)."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+class Linear(Layer):
+    """y = x @ W.T + b, as torch.nn.Linear (W stored (out, in), names "weight", "bias").
+
+    x: (N, in)  ->  y: (N, out).  Keeps x for backward:
+        dW = dy.T @ x  (out, in),  db = sum_n dy  (out,),  dx = dy @ W  (N, in).
+    """
+
+    def __init__(self, out_features: int, bias: bool = True):
+        super().__init__()
+        self.out_features = int(out_features)
+        self.has_bias = bool(bias)
+        self.in_features: int | None = None
+        self._x = None
+
+    def param_shapes(self, in_shape):
+        if len(in_shape) != 1:
+            raise ValueError(f"Linear needs a flat input but gets per-sample shape {tuple(in_shape)}:"
+                             " put a flatten layer before it")
+        shapes = {"weight": (self.out_features, int(in_shape[0]))}
+        if self.has_bias:
+            shapes["bias"] = (self.out_features,)
+        return shapes
+
+    def output_shape(self, in_shape):
+        return (self.out_features,)
+
+    def bind(self, params, grads):
+        super().bind(params, grads)
+        self.W, self.dW = params["weight"], grads["weight"]
+        self.b, self.db = params.get("bias"), grads.get("bias")
+        self.in_features = self.W.shape[1]
+
+    def init_params(self, rng, scheme):
+        fan_in, fan_out = self.in_features, self.out_features
+        if scheme == "pytorch":
+            # kaiming_uniform(a=sqrt(5)) reduces to U(-1/sqrt(fan_in), +1/sqrt(fan_in)),
+            # and PyTorch draws the bias from the same range.
+            bound = 1.0 / math.sqrt(fan_in)
+            w = rng.uniform(-bound, bound, self.W.shape)
+            b = rng.uniform(-bound, bound, (fan_out,)) if self.has_bias else None
+        elif scheme == "he":
+            w = rng.normal(0.0, math.sqrt(2.0 / fan_in), self.W.shape)
+            b = np.zeros(fan_out)
+        elif scheme == "xavier":
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            w = rng.uniform(-bound, bound, self.W.shape)
+            b = np.zeros(fan_out)
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(INIT_SCHEMES)}")
+        self.W[...] = self.xp.asarray(w.astype(self.W.dtype))
+        if self.has_bias:
+            self.b[...] = self.xp.asarray(b.astype(self.b.dtype))
+
+    def forward(self, x, train):
+        xp = self.xp
+        y = self._buf("y", (x.shape[0], self.out_features), x.dtype)
+        xp.matmul(x, self.W.T, out=y)
+        if self.has_bias:
+            xp.add(y, self.b, out=y)
+        self._x = x
+        return y
+
+    def backward(self, dy):
+        xp, x = self.xp, self._x
+        xp.matmul(dy.T, x, out=self.dW)
+        if self.has_bias:
+            xp.sum(dy, axis=0, out=self.db)
+        if not self.needs_input_grad:
+            return None
+        dx = self._buf("dx", x.shape, dy.dtype)
+        xp.matmul(dy, self.W, out=dx)
+        return dx
+
+    def describe(self):
+        bias = "" if self.has_bias else ", no bias"
+        return f"Linear({self.in_features} -> {self.out_features}{bias})"
+
+
+class ReLU(Layer):
+    """y = max(x, 0); dx = dy * (y > 0).  Keeps y.  Any shape."""
+
+    def forward(self, x, train):
+        y = self._buf("y", x.shape, x.dtype)
+        self.xp.maximum(x, 0, out=y)
+        self._y = y
+        return y
+
+    def backward(self, dy):
+        xp, y = self.xp, self._y
+        mask = self._buf("mask", y.shape, bool)
+        xp.greater(y, 0, out=mask)
+        dx = self._buf("dx", y.shape, dy.dtype)
+        xp.multiply(dy, mask, out=dx)
+        return dx
+
+
+class Tanh(Layer):
+    """y = tanh(x); dx = dy * (1 - y^2) (seed 000's activation).  Keeps y."""
+
+    def forward(self, x, train):
+        y = self._buf("y", x.shape, x.dtype)
+        self.xp.tanh(x, out=y)
+        self._y = y
+        return y
+
+    def backward(self, dy):
+        xp, y = self.xp, self._y
+        dx = self._buf("dx", y.shape, dy.dtype)
+        xp.multiply(y, y, out=dx)
+        xp.subtract(1, dx, out=dx)
+        xp.multiply(dx, dy, out=dx)
+        return dx
+
+
+class Sigmoid(Layer):
+    """y = 1 / (1 + e^-x); dx = dy * y * (1 - y) (the seeds' sigmoid gate).  Keeps y.
+
+    Computed as (1 + tanh(x/2)) / 2, the same function, which never overflows exp().
+    """
+
+    def forward(self, x, train):
+        xp = self.xp
+        y = self._buf("y", x.shape, x.dtype)
+        xp.multiply(x, 0.5, out=y)
+        xp.tanh(y, out=y)
+        xp.multiply(y, 0.5, out=y)
+        xp.add(y, 0.5, out=y)
+        self._y = y
+        return y
+
+    def backward(self, dy):
+        xp, y = self.xp, self._y
+        dx = self._buf("dx", y.shape, dy.dtype)
+        xp.subtract(1, y, out=dx)
+        xp.multiply(dx, y, out=dx)
+        xp.multiply(dx, dy, out=dx)
+        return dx
+
+
+class Flatten(Layer):
+    """(N, *in_shape) -> (N, prod(in_shape)), a view when x is contiguous."""
+
+    def output_shape(self, in_shape):
+        return (math.prod(in_shape),)
+
+    def forward(self, x, train):
+        self._in_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        return dy.reshape(self._in_shape)
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training y = x * mask, mask = (u >= p) / (1 - p); identity in eval.
+
+    The mask of a sample depends only on (seed, step, layer index, global sample index),
+    never on how the global batch is split over ranks: it is row ``offset + n`` of the
+    (global_batch, *features) array of ``np.random.default_rng([seed, step, index]).random``.
+    A rank draws only its own rows, by advancing the generator past the rows before
+    ``offset`` (PCG64 spends exactly one 64-bit draw per float64). The mask is drawn on
+    the host, so CPU and GPU runs drop the same units too.
+
+    Call `set_batch_context` before each training forward (Sequential does it for all
+    layers): without it the layer cannot know which rows it holds.
+    """
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout p must be in [0, 1), not {p}")
+        self.p = float(p)
+        self._ctx = None
+        self._mask = None
+
+    def set_batch_context(self, seed, step, offset, global_batch):
+        self._ctx = (int(seed), int(step), int(offset), int(global_batch))
+
+    def host_mask(self, n: int, features: tuple, dtype) -> np.ndarray:
+        """The (n, *features) host mask (values 0 or 1/(1-p)) for this rank's rows."""
+        if self._ctx is None:
+            raise RuntimeError("Dropout.forward(train=True) before set_batch_context(seed, step, "
+                               "offset, global_batch): call model.set_batch_context each step")
+        seed, step, offset, global_batch = self._ctx
+        if offset < 0 or offset + n > global_batch:
+            raise ValueError(f"rows [{offset}, {offset + n}) lie outside the global batch of {global_batch}")
+        per_row = math.prod(features)
+        bitgen = np.random.PCG64(np.random.SeedSequence([seed, step, self.index]))
+        bitgen.advance(offset * per_row)
+        u = self._host_buf("u", (n, *features), np.float64)
+        np.random.Generator(bitgen).random(out=u)
+        keep = self._host_buf("keep", u.shape, bool)
+        np.greater_equal(u, self.p, out=keep)
+        mask = self._host_buf("mask", u.shape, dtype)
+        np.multiply(keep, 1.0 / (1.0 - self.p), out=mask)
+        return mask
+
+    def _host_buf(self, tag, shape, dtype):
+        return self._pool.get(np, "host-" + tag, shape, dtype)
+
+    def forward(self, x, train):
+        if not train or self.p == 0.0:
+            self._mask = None
+            return x
+        self._mask = self.xp.asarray(self.host_mask(x.shape[0], x.shape[1:], x.dtype))
+        y = self._buf("y", x.shape, x.dtype)
+        self.xp.multiply(x, self._mask, out=y)
+        return y
+
+    def backward(self, dy):
+        if self._mask is None:
+            return dy
+        dx = self._buf("dx", dy.shape, dy.dtype)
+        self.xp.multiply(dy, self._mask, out=dx)
+        return dx
+
+    def describe(self):
+        return f"Dropout(p={self.p:g})"

@@ -1,0 +1,208 @@
+"""Sequential: layers in a row over one flat parameter buffer.
+
+The parameter layout is fixed by the layer list and input shape alone: tensors named
+``f"{i}.{name}"`` (i = index in the layer list, as torch.nn.Sequential names them, so
+a Flatten-Linear-ReLU-... model has PyTorch's state-dict keys), in forward order. It is
+therefore identical on every rank, and backward (last layer first) finishes the
+gradients from the end of the flat buffer towards its start, which is what lets the
+trainer allreduce finished buckets while backward continues (`on_grads_ready`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Callable
+
+import numpy as np
+
+from ddtrain.backend import CPU, Backend
+from ddtrain.engine.layers import INIT_SCHEMES, Dropout, Flatten, Layer, Linear, ReLU, Sigmoid, Tanh
+from ddtrain.engine.params import FlatParams
+from ddtrain.errors import ConfigError
+
+
+class Sequential:
+    """layers applied in order to x of shape (N, *in_shape); logits (N, *out_shape).
+
+    params: FlatParams holding every layer's weights and gradients (views bound to layers),
+    initialised from ``np.random.default_rng(seed)`` on the host, so equal on CPU and GPU.
+    dtype: float32 for training; float64 for gradient checks.
+    input_grad: whether backward computes d loss/d x (off by default: the first
+    parameterised layer then skips its dx matmul, and the layers before it are skipped).
+    """
+
+    def __init__(self, layers: list[Layer], in_shape: tuple, backend: Backend = CPU,
+                 init: str = "pytorch", seed: int = 0, dtype=np.float32, input_grad: bool = False):
+        if init not in INIT_SCHEMES:
+            raise ConfigError(_unknown("init scheme", init, INIT_SCHEMES))
+        self.layers = list(layers)
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.backend = backend
+        self.dtype = np.dtype(dtype)
+        specs, shapes, shape = [], [], self.in_shape
+        for i, layer in enumerate(self.layers):
+            layer.xp, layer.index = backend.xp, i
+            try:
+                for name, pshape in layer.param_shapes(shape).items():
+                    specs.append((f"{i}.{name}", tuple(pshape)))
+                shape = tuple(layer.output_shape(shape))
+            except ValueError as e:
+                raise ConfigError(f"layer {i} ({type(layer).__name__.lower()}): {e}") from None
+            shapes.append(shape)
+        self.out_shape = shape
+        self.shapes = shapes  # per-sample output shape of each layer
+        self.params = FlatParams(specs, backend, dtype)
+        self._first_offset: dict[int, int] = {}  # layer index -> its first flat-buffer index
+        for slot in self.params.slots:
+            i, name = slot.name.split(".", 1)
+            self._first_offset.setdefault(int(i), slot.start)
+        for i, layer in enumerate(self.layers):
+            prefix = f"{i}."
+            layer.bind({n[len(prefix):]: v for n, v in self.params.params.items() if n.startswith(prefix)},
+                       {n[len(prefix):]: v for n, v in self.params.grads.items() if n.startswith(prefix)})
+        rng = np.random.default_rng(seed)
+        for layer in self.layers:
+            layer.init_params(rng, init)
+        self.input_grad = input_grad
+
+    @property
+    def input_grad(self) -> bool:
+        return self._input_grad
+
+    @input_grad.setter
+    def input_grad(self, value: bool) -> None:
+        """Decide where backward stops: at layer 0, or at the first layer with parameters."""
+        self._input_grad = bool(value)
+        param_layers = sorted(self._first_offset)
+        self._stop = 0 if value or not param_layers else param_layers[0]
+        for i, layer in enumerate(self.layers):
+            layer.needs_input_grad = self._input_grad or i > self._stop
+
+    def set_batch_context(self, seed: int, step: int, offset: int, global_batch: int) -> None:
+        """Tell the layers which rows of which global batch come next (Dropout's masks).
+
+        seed: the run's seed; step: optimizer steps done; offset: index of this rank's first
+        sample in the global batch; global_batch: the global batch size.
+        """
+        for layer in self.layers:
+            layer.set_batch_context(seed, step, offset, global_batch)
+
+    def forward(self, x, train: bool):
+        """x: (N, *in_shape) of the model's dtype -> logits (N, *out_shape) (a reused buffer)."""
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(f"input samples have shape {tuple(x.shape[1:])}, the model expects {self.in_shape}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"input is {x.dtype} but the model is {self.dtype}: convert the data once, "
+                            f"not every step (x.astype({self.dtype.name}))")
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dlogits, on_grads_ready: Callable[[int], None] | None = None):
+        """Write every parameter's gradient for the batch of the last forward; returns dx or None.
+
+        dlogits: (N, *out_shape), d loss / d logits (not modified).
+        on_grads_ready(offset): called after each parameterised layer's backward with that
+        layer's first flat-buffer index; from then on grad[offset:] is final.
+        Returns d loss / d x (N, *in_shape) if input_grad, else None.
+        """
+        dy = dlogits
+        for i in range(len(self.layers) - 1, self._stop - 1, -1):
+            dy = self.layers[i].backward(dy)
+            if on_grads_ready is not None and i in self._first_offset:
+                on_grads_ready(self._first_offset[i])
+        return dy if self._input_grad else None
+
+    def summary(self) -> str:
+        """A table: index, layer, per-sample output shape, parameter count; then the total."""
+        counts = [sum(math.prod(s) for s in layer.param_shapes(shape_in).values())
+                  for layer, shape_in in zip(self.layers, [self.in_shape] + self.shapes[:-1])]
+        rows = [("#", "layer", "output", "params"), ("", "input", str(self.in_shape), "")]
+        rows += [(str(i), layer.describe(), str(shape), f"{n:,}")
+                 for i, (layer, shape, n) in enumerate(zip(self.layers, self.shapes, counts))]
+        widths = [max(len(r[k]) for r in rows) for k in range(4)]
+        lines = [f"{a:>{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}" for a, b, c, d in rows]
+        nbytes = self.params.size * self.dtype.itemsize
+        lines.append(f"total: {self.params.size:,} parameters ({self.dtype.name}, {nbytes / 2**20:.2f} MiB)")
+        return "\n".join(lines)
+
+
+# -- building from config ------------------------------------------------------------------
+
+def _int_out(v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"'out' must be a positive integer, not {v!r}")
+    return v
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        raise ValueError(f"'bias' must be true or false, not {v!r}")
+    return v
+
+
+def _prob(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+        raise ValueError(f"'p' must be a number in [0, 1), not {v!r}")
+    return float(v)
+
+
+# type -> (class, {key: (validator, required)}); config keys map to constructor arguments.
+LAYER_TYPES: dict[str, tuple[type, dict]] = {
+    "linear": (Linear, {"out": (_int_out, True), "bias": (_bool, False)}),
+    "relu": (ReLU, {}),
+    "tanh": (Tanh, {}),
+    "sigmoid": (Sigmoid, {}),
+    "flatten": (Flatten, {}),
+    "dropout": (Dropout, {"p": (_prob, False)}),  # p defaults to 0.5, as in PyTorch
+}
+_ARG_NAMES = {"out": "out_features", "bias": "bias", "p": "p"}
+
+
+def _unknown(what: str, value, valid) -> str:
+    close = difflib.get_close_matches(str(value), list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what} {value!r}{hint}; valid: {', '.join(valid)}"
+
+
+def make_layer(spec: dict, index: int = 0) -> Layer:
+    """One layer from a config entry such as {"type": "linear", "out": 512}; ConfigError if bad."""
+    where = f"layer {index}"
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{where}: expected a mapping with a 'type' key (one of "
+                          f"{', '.join(LAYER_TYPES)}), got {spec!r}")
+    kind = spec["type"]
+    if kind not in LAYER_TYPES:
+        raise ConfigError(f"{where}: {_unknown('layer type', kind, LAYER_TYPES)}")
+    cls, keys = LAYER_TYPES[kind]
+    where = f"layer {index} ({kind})"
+    kwargs = {}
+    for key, value in spec.items():
+        if key == "type":
+            continue
+        if key not in keys:
+            valid = list(keys) or ["no keys besides 'type'"]
+            raise ConfigError(f"{where}: {_unknown('key', key, valid)}")
+        try:
+            kwargs[_ARG_NAMES[key]] = keys[key][0](value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    missing = [k for k, (_, required) in keys.items() if required and k not in spec]
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r}")
+    return cls(**kwargs)
+
+
+def build_model(layer_specs: list[dict], in_shape: tuple, backend: Backend = CPU, init: str = "pytorch",
+                seed: int = 0, dtype=np.float32, input_grad: bool = False) -> Sequential:
+    """A Sequential from config entries, e.g. [{"type": "flatten"}, {"type": "linear", "out": 10}].
+
+    in_shape: per-sample input shape, e.g. (28, 28); layer sizes are inferred from it.
+    Raises ConfigError (one line, naming the layer index) for an unknown type, key or value,
+    or a shape that does not fit (a linear layer on unflattened input).
+    """
+    if not isinstance(layer_specs, (list, tuple)) or not layer_specs:
+        raise ConfigError(f"model layers must be a non-empty list, got {layer_specs!r}")
+    layers = [make_layer(spec, i) for i, spec in enumerate(layer_specs)]
+    return Sequential(layers, in_shape, backend, init=init, seed=seed, dtype=dtype, input_grad=input_grad)
