@@ -1,0 +1,59 @@
+"""Fixtures for the data tests: where the real FashionMNIST is, and the CI rule.
+
+The real-data lookup (`fmnist_dir`) is generic enough for every test directory; it
+may move to tests/conftest.py.
+
+CI rule: a test that needs something absent here (the real data, the torchvision
+venv) skips with the reason locally and fails when CI=true, so CI never passes by
+skipping.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ddtrain.data.datasets import FILES, find_files, load_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
+
+
+def skip_or_fail(reason: str):
+    """Skip with `reason`, or fail with it under CI=true."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: required)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> Path:
+    """The directory with the real FashionMNIST IDX files: $DDTRAIN_DATA, else ../shared/data/fashion-mnist."""
+    d = Path(os.environ.get("DDTRAIN_DATA") or SHARED_DATA)
+    if len(find_files(d)) != len(FILES):
+        skip_or_fail(f"real FashionMNIST not found in {d} (set DDTRAIN_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def fmnist(fmnist_dir):
+    """The real dataset, loaded (and verified) once per session."""
+    return load_fashion_mnist(fmnist_dir)
+
+
+@pytest.fixture(scope="session")
+def fmnist_raw_root(fmnist_dir, tmp_path_factory) -> Path:
+    """A torchvision-style root: ROOT/FashionMNIST/raw/<gunzipped IDX files>."""
+    root = tmp_path_factory.mktemp("tvroot")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for key, src in find_files(fmnist_dir).items():
+        name = next(f.name for f in FILES if f.key == key)
+        opener = gzip.open if src.suffix == ".gz" else open
+        with opener(src, "rb") as fin, open(raw / name, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    return root
