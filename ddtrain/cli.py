@@ -194,14 +194,107 @@ def evaluate(checkpoint, data_dir, device, as_json):
 # ------------------------------------------------------------------------------ gradcheck
 @main.command()
 @click.option("--config", "config", default="mlp", show_default=True, help="Config whose model to check.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def gradcheck(config, seed):
+def gradcheck(config):
     """Numerical gradient check (float64, central differences) of a config's model and loss."""
     from ddtrain.config import load_config
     from ddtrain.engine.gradcheck import format_table, gradcheck_config
     cfg = load_config(config)
     in_shape = (28, 28)
-    rows = gradcheck_config(cfg.model.layers, in_shape, cfg.model.loss, seed=seed)
+    rows = gradcheck_config(cfg.model.layers, in_shape, cfg.model.loss)
     click.echo(format_table(rows))
     if not all(r[-1] for r in rows):
         raise DDTrainError("gradient check failed: see the rows marked FAIL above")
+
+
+# ------------------------------------------------------------------------------ plot
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", type=click.Path(), help="PNG file to write [RUN_DIR/metrics.png].")
+def plot(run_dir, output):
+    """Loss, accuracy, throughput and step-time curves of a run, as a PNG."""
+    from ddtrain.train.plot import plot_run
+    click.echo(str(plot_run(Path(run_dir), Path(output) if output else None)))
+
+
+# ------------------------------------------------------------------------------ data
+@main.group()
+def data():
+    """Where the dataset is, check it, fetch it."""
+
+
+@data.command("info")
+@click.option("--data-dir", type=click.Path())
+def data_info(data_dir):
+    """Where ddtrain looks for FashionMNIST, and what it finds."""
+    from ddtrain.data.datasets import info
+    for line in info(data_dir):
+        click.echo(line)
+
+
+@data.command("verify")
+@click.option("--data-dir", type=click.Path())
+def data_verify(data_dir):
+    """Check every file's sha256 (of its decompressed bytes) against the known-good values."""
+    from ddtrain.data.datasets import verify
+    for line in verify(data_dir):
+        click.echo(line)
+
+
+@data.command("download")
+@click.option("--dest", type=click.Path(), help="Directory to fill [the user cache].")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per connection.")
+def data_download(dest, timeout):
+    """Fetch FashionMNIST from the upstream mirrors, with hash checks."""
+    from ddtrain.data.datasets import download
+    path = download(dest, timeout=timeout, log=click.echo)
+    click.echo(f"FashionMNIST is in {path}")
+
+
+# ------------------------------------------------------------------------------ launch
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-n", "--ranks", "n", type=int, required=True, help="Number of ranks to start.")
+@click.option("--hosts", help="Comma-separated host[:slots] list, e.g. node1:2,node2:2.")
+@click.option("--hostfile", type=click.Path(), help="A hostfile (one 'host[:slots]' or 'host slots=N' a line).")
+@click.option("--threads", type=int, help="BLAS threads per rank [cores / ranks on the node].")
+@click.option("--mpiexec", help="Path of the mpiexec to use [the one matching mpi4py's MPI].")
+@click.option("--dry-run", is_flag=True, help="Print the command and exit.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def launch(n, hosts, hostfile, threads, mpiexec, dry_run, command):
+    """Start N ranks of a ddtrain command: ddtrain launch -n 4 -- train --epochs 2"""
+    from ddtrain.launch import run_launch
+    if n < 1:
+        raise ConfigError(f"-n must be at least 1, got {n}")
+    rc = run_launch(n, list(command), hosts=hosts, hostfile=hostfile, threads=threads, dry_run=dry_run,
+                    mpiexec=mpiexec, echo=lambda line: click.echo(f"+ {line}", err=True))
+    sys.exit(rc)
+
+
+# ------------------------------------------------------------------------------ verify
+@main.command()
+@click.option("--ranks", default="1,2,4", show_default=True, help="Comma-separated rank counts to compare.")
+@click.option("--config", "config", default="tiny", show_default=True)
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--data-dir", type=click.Path())
+@click.option("--run-dir", type=click.Path(), default="runs/verify", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+def verify(ranks, config, epochs, data_dir, run_dir, sets):
+    """Train one config on several rank counts in deterministic mode; compare the weights' sha256."""
+    from ddtrain.launch import run_launch
+    counts = [int(r) for r in ranks.split(",") if r.strip()]
+    hashes = {}
+    for k in counts:
+        out = Path(run_dir) / f"ranks-{k}"
+        args = ["train", "--config", config, "--epochs", str(epochs), "--deterministic", "--run-dir", str(out),
+                "--overwrite", "--threads", "1"] + (["--data-dir", data_dir] if data_dir else [])
+        for s in sets:
+            args += ["--set", s]
+        rc = run_launch(k, args, echo=lambda line: click.echo(f"+ {line}", err=True))
+        if rc != 0:
+            raise DDTrainError(f"the {k}-rank run failed with exit code {rc}")
+        summary = json.loads((out / "summary.json").read_text())
+        hashes[k] = summary["param_sha256"]
+        click.echo(f"{k} rank(s): weights sha256 {hashes[k]}  test accuracy {summary['test_accuracy']:.4f}")
+    if len(set(hashes.values())) != 1:
+        raise DDTrainError("weights differ between rank counts: " +
+                           ", ".join(f"{k}: {h[:12]}" for k, h in hashes.items()))
+    click.echo(f"bitwise identical weights for {', '.join(map(str, counts))} rank(s)")

@@ -15,8 +15,10 @@ from ddtrain.data.datasets import normalize_batch
 from ddtrain.data.order import rank_slice
 
 
-def evaluate_model(model, loss, test_x, test_y, normalize: str, batch_size: int, comm) -> tuple[float, float]:
-    """(mean loss, accuracy) over the whole test set. test_x: (N, ...) uint8, test_y: (N,) int64, on device."""
+def evaluate_model(model, loss, test_x, test_y, normalize: str, batch_size: int, comm,
+                   stats: tuple[float, float]) -> tuple[float, float]:
+    """(mean loss, accuracy) over the whole test set. test_x: (N, ...) uint8, test_y: (N,) int64, on device;
+    stats: the dataset's pixel (mean, std) for "standard" normalisation."""
     xp = model.params.backend.xp
     n = len(test_y)
     start, stop = rank_slice(n, comm.rank, comm.size)
@@ -24,7 +26,7 @@ def evaluate_model(model, loss, test_x, test_y, normalize: str, batch_size: int,
     correct = xp.zeros((), dtype=xp.int64)
     for a in range(start, stop, batch_size):
         b = min(a + batch_size, stop)
-        logits = model.forward(normalize_batch(test_x[a:b], normalize), train=False)
+        logits = model.forward(normalize_batch(test_x[a:b], normalize, mean=stats[0], std=stats[1]), train=False)
         loss_sum += loss.forward(logits, test_y[a:b])
         correct += loss.correct(logits, test_y[a:b])
     sums = np.array([float(loss_sum), float(correct), float(stop - start)], dtype=np.float64)
@@ -38,7 +40,7 @@ def evaluate_checkpoint(path: Path, data_dir=None, device: str = "auto", warn=pr
     from ddtrain.config import config_from_dict
     from ddtrain.data.datasets import load_dataset
     from ddtrain.dist.comm import SingleProcess
-    from ddtrain.engine.losses import LOSSES
+    from ddtrain.engine.losses import make_loss
     from ddtrain.engine.model import build_model
     from ddtrain.errors import CheckpointError
     from ddtrain.train.checkpoint import find_resume_checkpoint, load_checkpoint
@@ -61,7 +63,8 @@ def evaluate_checkpoint(path: Path, data_dir=None, device: str = "auto", warn=pr
         raise CheckpointError(f"{ckpt.path.name}: does not fit its own config's model: {e}") from None
     test_x = backend.from_host(data.test_x)
     test_y = backend.from_host(data.test_y.astype(np.int64))
-    test_loss, test_acc = evaluate_model(model, LOSSES[cfg.model.loss](), test_x, test_y, cfg.data.normalize,
-                                         cfg.train.eval_batch_size, SingleProcess())
+    test_loss, test_acc = evaluate_model(model, make_loss(cfg.model.loss, backend), test_x, test_y, cfg.data.normalize,
+                                         cfg.train.eval_batch_size, SingleProcess(),
+                                         stats=(data.mean, data.std))
     return {"checkpoint": str(ckpt.path), "step": ckpt.step, "test_loss": test_loss,
             "test_accuracy": test_acc, "samples": int(len(data.test_y))}

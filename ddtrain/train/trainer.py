@@ -35,8 +35,8 @@ from ddtrain.config import Config
 from ddtrain.data.datasets import load_dataset, normalize_batch
 from ddtrain.data.order import (epoch_permutation, global_batch_indices, micro_shards,
                                 rank_micro_shards, rank_slice, steps_per_epoch)
-from ddtrain.dist.reducer import GradientReducer, fixed_point_exponent, quantize_add, dequantize
-from ddtrain.engine.losses import LOSSES
+from ddtrain.dist.reducer import GradientReducer
+from ddtrain.engine.losses import make_loss
 from ddtrain.engine.model import build_model
 from ddtrain.engine.optim import make_optimizer
 from ddtrain.engine.schedules import make_schedule
@@ -131,21 +131,25 @@ class Trainer:
         if cfg.dist.deterministic and cfg.dist.micro_shards > B:
             raise ConfigError(f"dist.micro_shards ({cfg.dist.micro_shards}) must not exceed "
                               f"train.batch_size ({B})")
-        self.steps_per_epoch = steps_per_epoch(self.n_train, B, cfg.train.drop_last)
+        self.steps_per_epoch = steps_per_epoch(self.n_train, B, cfg.data.drop_last)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        # The console gets about ten lines an epoch, whatever train.log_every asks of metrics.jsonl.
+        self.console_every = cfg.train.log_every * max(1, self.steps_per_epoch // 10 // cfg.train.log_every)
         in_shape = tuple(self.data.train_x.shape[1:])
         self.model = build_model(cfg.model.layers, in_shape, backend, init=cfg.model.init, seed=cfg.train.seed)
         self.params = self.model.params
-        self.loss = LOSSES[cfg.model.loss]()
+        self.loss = make_loss(cfg.model.loss, backend)
         o = cfg.optimizer
-        self.optimizer = make_optimizer(o.name, self.params, momentum=o.momentum, nesterov=o.nesterov,
-                                        weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
+        hyper = (dict(momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay) if o.name == "sgd"
+                 else dict(betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay))
+        self.optimizer = make_optimizer(o.name, self.params, **hyper)
         s = cfg.schedule
         self.schedule = make_schedule(
             s.name, o.lr, self.total_steps, warmup_steps=round(s.warmup_epochs * self.steps_per_epoch),
             step_size=max(1, round(s.step_epochs * self.steps_per_epoch)), gamma=s.gamma, min_lr=s.min_lr)
         self.reducer = GradientReducer(comm, self.params, bucket_mb=cfg.dist.bucket_mb,
-                                       overlap=cfg.dist.overlap)
+                                       overlap=cfg.dist.overlap,
+                                       mode="fixed_point" if cfg.dist.deterministic else "sum")
         # The whole dataset lives on the device as uint8; batches are gathered and normalised there.
         self.train_x = backend.from_host(self.data.train_x)
         self.train_y = backend.from_host(self.data.train_y.astype(np.int64))
@@ -292,7 +296,7 @@ class Trainer:
         idx = self.backend.from_host(indices)
         xp.take(self.train_x, idx, axis=0, out=raw)
         xp.take(self.train_y, idx, axis=0, out=y)
-        normalize_batch(raw, self.cfg.data.normalize, out=x)
+        normalize_batch(raw, self.cfg.data.normalize, out=x, mean=self.data.mean, std=self.data.std)
         return x, y
 
     # ---------------------------------------------------------------- one step
@@ -311,7 +315,7 @@ class Trainer:
         c = self.cursor
         t0 = time.perf_counter()
         batch = global_batch_indices(perm, c.step_in_epoch, cfg.train.batch_size, self.n_train,
-                                     cfg.train.drop_last)
+                                     cfg.data.drop_last)
         B = len(batch)
         self.model.set_batch_context(cfg.train.seed, c.step, 0, B)
         if cfg.dist.deterministic:
@@ -335,60 +339,46 @@ class Trainer:
         xp, B = self.xp, len(batch)
         shards = micro_shards(B, self.cfg.dist.micro_shards)
         mine = [shards[i] for i in rank_micro_shards(len(shards), self.comm.rank, self.comm.size)]
-        if not hasattr(self, "_shard_grads") or self._shard_grads.shape[0] < len(mine):
-            self._shard_grads = xp.empty((max(len(mine), 1), self.params.size), dtype=xp.float32)
-            self._int_grad = xp.zeros(self.params.size, dtype=xp.int64)
         loss_sum = xp.zeros((), dtype=xp.float64)
         correct = xp.zeros((), dtype=xp.int64)
         n = 0
-        fwd = bwd = data = 0.0
-        for j, (a, b) in enumerate(mine):
-            ta = time.perf_counter()
+        t_data = t0
+        for a, b in mine:
             self.model.set_batch_context(self.cfg.train.seed, self.cursor.step, a, B)
             x, y = self._batch(batch[a:b])
-            tb = time.perf_counter()
-            ls, cr, tc = self._forward_backward(x, y, 1.0 / B)
-            self._shard_grads[j][...] = self.params.grad
+            t1 = time.perf_counter()
+            ls, cr, t2 = self._forward_backward(x, y, 1.0 / B)
+            self.reducer.add_shard(self.params.grad)
             loss_sum += ls
             correct += cr
             n += b - a
-            td = time.perf_counter()
-            data += tb - ta
-            fwd += tc - tb
-            bwd += td - tc
-        tw = time.perf_counter()
-        local_max = float(xp.abs(self._shard_grads[:len(mine)]).max()) if mine else 0.0
-        exponent = fixed_point_exponent(self.comm.allreduce_obj(local_max, op="max"), len(shards))
-        self._int_grad.fill(0)
-        for j in range(len(mine)):
-            quantize_add(self._int_grad, self._shard_grads[j], exponent)
-        self.comm.Allreduce(self._int_grad)
-        dequantize(self._int_grad, exponent, out=self.params.grad)
-        timer.add("data", data)
-        timer.add("forward", fwd)
-        timer.add("backward", bwd)
-        timer.add("comm_wait", time.perf_counter() - tw)
+            t3 = time.perf_counter()
+            timer.add("data", t1 - t_data)
+            timer.add("forward", t2 - t1)
+            timer.add("backward", t3 - t2)
+            t_data = t3
+        timer.add("comm_wait", self.reducer.finish())
         return loss_sum, correct, n
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy, exactly the single-process figures for any number of ranks."""
         return evaluate_model(self.model, self.loss, self.test_x, self.test_y, self.cfg.data.normalize,
-                              self.cfg.train.eval_batch_size, self.comm)
+                              self.cfg.train.eval_batch_size, self.comm, stats=(self.data.mean, self.data.std))
 
     # ---------------------------------------------------------------- the loop
     def _chaos(self, step: int) -> None:
         ch = self.cfg.chaos
-        if ch.rank != self.comm.rank or ch.step != step:
+        if ch.rank != self.comm.rank or ch.step != step + 1:  # ch.step counts steps from 1
             return
-        print(f"rank {self.comm.rank}: chaos: {ch.action} at step {step} (pid {os.getpid()}, "
+        print(f"rank {self.comm.rank}: chaos: {ch.action} at step {step + 1} (pid {os.getpid()}, "
               f"host {self.comm.hostname})", file=sys.stderr, flush=True)
         if ch.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif ch.action == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
         elif ch.action == "raise":
-            raise RuntimeError(f"chaos: injected failure at step {step}")
+            raise RuntimeError(f"chaos: injected failure at step {step + 1}")
         elif ch.action == "nan":
             self.params.grad[0] = float("nan")
 
@@ -444,10 +434,10 @@ class Trainer:
                     if flags[1]:
                         if cfg.train.nonfinite == "stop":
                             raise DDTrainError(
-                                f"non-finite loss or gradient at step {step} (epoch {self.cursor.epoch + 1}); "
+                                f"non-finite loss or gradient at step {step + 1} (epoch {self.cursor.epoch + 1}); "
                                 f"stopped without writing a checkpoint. Lower optimizer.lr, or set "
                                 f"train.nonfinite=skip to skip such steps")
-                        self.log(f"step {step}: non-finite gradient, step skipped (train.nonfinite=skip)")
+                        self.log(f"step {step + 1}: non-finite gradient, step skipped (train.nonfinite=skip)")
                     else:
                         t5 = time.perf_counter()
                         self.optimizer.step(self.schedule.lr(step))
@@ -514,7 +504,11 @@ class Trainer:
                     desc=f"epoch {c.epoch + 1}/{self.cfg.train.epochs}")
 
     def _log_step(self, step, loss_sum, batch_len, timer, interval_samples, interval_seconds, bar):
-        """A step record: this step's global mean loss, throughput and the per-rank timing breakdown."""
+        """A step record: this step's global mean loss, throughput and the per-rank timing breakdown.
+
+        `step` is the 0-based index of the step just taken; the record's "step" is the number of
+        optimizer steps done (step + 1), so step 1 is the first and the count continues on resume.
+        """
         comm = self.comm
         local = np.array([float(loss_sum)], dtype=np.float64)
         comm.Allreduce(local)
@@ -524,16 +518,16 @@ class Trainer:
         sps = interval_samples / interval_seconds if interval_seconds > 0 else None
         loss = local[0] / batch_len
         lr = self.schedule.lr(step)
-        self.metrics.write({"event": "step", "step": step, "epoch": self.cursor.epoch, "loss": loss, "lr": lr,
+        self.metrics.write({"event": "step", "step": step + 1, "epoch": self.cursor.epoch, "loss": loss, "lr": lr,
                             "samples_per_second": sps,
                             "timing_ms": {p: {k: round(v, 4) for k, v in d.items()} for p, d in timing.items()}})
         if straggler and self.is_root:
-            self.log(f"straggler at step {step}: {straggler}")
+            self.log(f"straggler at step {step + 1}: {straggler}")
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}")
-        elif self.is_root and (self.cursor.step % max(self.cfg.train.log_every, 1) == 0):
-            self.log(f"epoch {self.cursor.epoch + 1} step {self.cursor.step_in_epoch}/{self.steps_per_epoch} "
-                     f"(global {step}) loss {loss:.4f} lr {lr:.4g}"
+        elif self.is_root and self.cursor.step % self.console_every == 0:
+            self.log(f"step {step + 1} (epoch {self.cursor.epoch + 1}, {self.cursor.step_in_epoch}/"
+                     f"{self.steps_per_epoch}) loss {loss:.4f} lr {lr:.4g}"
                      + (f" {sps:,.0f} samples/s" if sps else ""))
 
     def _end_epoch(self, seconds):
