@@ -242,7 +242,7 @@ class Flatten(Layer):
 
     def forward(self, x, train):
         self._in_shape = x.shape
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: a rank's slice may be empty
 
     def backward(self, dy):
         return dy.reshape(self._in_shape)

@@ -344,6 +344,8 @@ class Trainer:
         n = 0
         t_data = t0
         for a, b in mine:
+            if a == b:  # a short last batch leaves some micro-shards empty: they add nothing
+                continue
             self.model.set_batch_context(self.cfg.train.seed, self.cursor.step, a, B)
             x, y = self._batch(batch[a:b])
             t1 = time.perf_counter()
@@ -488,7 +490,9 @@ class Trainer:
             "steps": self.cursor.step, "world_size": comm.size, "samples_per_second": sps,
             "wall_seconds": wall, "first_step_seconds": first_step_at, "peak_rss_mb": max(rss),
             "peak_rss_mb_per_rank": rss, "device": self.backend.device,
-            "param_sha256": self.params.fingerprint(), "history": self.history,
+            "param_sha256": self.params.fingerprint(),
+            "param_sha256_per_rank": comm.allgather_obj(self.params.fingerprint()),
+            "history": self.history,
         }
         self.metrics.write({"event": "end", "step": self.cursor.step, "test_accuracy": test_acc,
                             "samples_per_second": sps, "wall_seconds": wall})
