@@ -262,6 +262,8 @@ def data_download(dest, timeout):
 def launch(n, hosts, hostfile, threads, mpiexec, dry_run, command):
     """Start N ranks of a ddtrain command: ddtrain launch -n 4 -- train --epochs 2"""
     from ddtrain.launch import run_launch
+    if Context.debug:
+        os.environ["DDTRAIN_DEBUG"] = "1"  # forwarded to every rank with the other DDTRAIN_* variables
     if n < 1:
         raise ConfigError(f"-n must be at least 1, got {n}")
     rc = run_launch(n, list(command), hosts=hosts, hostfile=hostfile, threads=threads, dry_run=dry_run,

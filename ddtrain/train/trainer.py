@@ -421,8 +421,7 @@ class Trainer:
                 bar = self._progress_bar(c)
                 while self.cursor.step_in_epoch < spe:
                     step = self.cursor.step
-                    if hasattr(comm, "set_step"):
-                        comm.set_step(step)
+                    comm.set_step(step + 1)  # the 1-based step users see in logs and metrics
                     t_step = time.perf_counter()
                     loss_sum, correct, n = self.train_step(perm, timer)
                     self._chaos(step)

@@ -1,0 +1,74 @@
+"""Communicator collectives at any world size (run by tests/dist/test_mpi.py under mpiexec -n K).
+
+Every rank checks the results itself and an assertion failure aborts the job (non-zero);
+rank 0 prints "collectives ok N" at the end.
+"""
+
+import math
+
+import numpy as np
+
+from ddtrain.dist import abort_on_exception, world
+from ddtrain.dist.mpi import MPI, MPICommunicator, SharedMemorySum
+
+comm = world()
+if comm.size == 1:  # world() gives SingleProcess at size 1: test the MPI implementation anyway
+    comm = MPICommunicator()
+assert isinstance(comm, MPICommunicator)
+rank, size = comm.rank, comm.size
+
+with abort_on_exception(comm):
+    # each rank sets grad = rank and scales by 1/size: the sum is the mean of the ranks
+    grad = np.full(1000, rank / size, dtype=np.float32)
+    comm.Allreduce(grad)
+    np.testing.assert_allclose(grad, (size - 1) / 2, rtol=1e-6)
+
+    # large float buffers take the shared-memory path (both of its variants); integer values
+    # make every sum exact, so it must equal MPI's own Allreduce bit for bit
+    for dtype in (np.float32, np.float64):
+        n = 100_003  # not a multiple of the alignment
+        values = np.random.default_rng(rank).integers(-1000, 1000, n).astype(dtype)
+        expected = values.copy()
+        comm._comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+        big = values.copy()
+        comm.Allreduce(big)
+        assert np.array_equal(big, expected)
+        if comm._cross is not None:
+            for full_sum in (True, False):
+                shared = SharedMemorySum(comm._local, comm._cross, n, dtype, full_sum=full_sum)
+                for _ in range(3):  # reuse: the syncs keep calls from overlapping
+                    big[...] = values
+                    shared(big)
+                    assert np.array_equal(big, expected), full_sum
+                shared.free()
+        elif size > 1:
+            raise AssertionError("all ranks run on this node: the shared-memory path must be on")
+
+    ints = np.arange(10, dtype=np.int64) + rank
+    comm.Allreduce(ints)
+    assert (ints == size * np.arange(10) + size * (size - 1) // 2).all(), ints
+
+    buf = np.full(7, rank, dtype=np.float64)
+    req = comm.Iallreduce(buf)
+    req.Wait()
+    assert (buf == size * (size - 1) / 2).all(), buf
+
+    data = np.arange(5, dtype=np.float32) * 10 if rank == size - 1 else np.zeros(5, dtype=np.float32)
+    comm.Bcast(data, root=size - 1)
+    assert (data == np.arange(5) * 10).all(), data
+
+    assert comm.bcast_obj({"r": rank} if rank == 0 else None) == {"r": 0}
+    assert comm.allgather_obj(rank) == list(range(size))
+    assert comm.allreduce_obj(rank) == size * (size - 1) // 2
+    assert comm.allreduce_obj(rank, op="max") == size - 1
+    assert comm.allreduce_obj((rank, -rank), op="min") == (0, -(size - 1))
+    assert comm.allreduce_obj((1.5, rank), op="sum") == (1.5 * size, size * (size - 1) // 2)
+    nan = comm.allreduce_obj(math.nan if rank == size - 1 else float(rank), op="max")
+    assert math.isnan(nan), nan  # NaN wins wherever it is, on every rank
+
+    assert 0 <= comm.local_rank < comm.local_size <= size
+    assert sum(comm.allgather_obj(comm.local_size == size)) in (0, size)
+    comm.set_step(3)
+    comm.Barrier()
+if rank == 0:
+    print(f"collectives ok {size}", flush=True)
