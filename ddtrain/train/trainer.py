@@ -81,6 +81,11 @@ class StepTimer:
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
 
+    def merge(self, other: "StepTimer") -> None:
+        for p, t in other.totals.items():
+            self.totals[p] += t
+        self.steps += other.steps
+
 
 class StopSignals:
     """First SIGINT/SIGTERM: stop at the next step boundary with a checkpoint. Second: exit now."""
@@ -157,6 +162,7 @@ class Trainer:
         self.test_y = backend.from_host(self.data.test_y.astype(np.int64))
         self._batch_buffers: dict[int, tuple] = {}
         self.cursor = Cursor()
+        self.epoch_timer = StepTimer()
         self.epoch_sums = [self.xp.zeros((), dtype=self.xp.float64), self.xp.zeros((), dtype=self.xp.int64), 0]
         self.metrics = MetricsLog(self.run_dir, enabled=self.is_root, tensorboard_dir=tensorboard_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -517,6 +523,7 @@ class Trainer:
         comm.Allreduce(local)
         per_rank = comm.allgather_obj(timer.means_ms())
         timing, straggler = self._straggler_report(per_rank)
+        self.epoch_timer.merge(timer)
         timer.reset()
         sps = interval_samples / interval_seconds if interval_seconds > 0 else None
         loss = local[0] / batch_len
@@ -544,11 +551,17 @@ class Trainer:
         for key, value in (("train_loss", train_loss), ("train_accuracy", train_acc),
                            ("test_loss", test_loss), ("test_accuracy", test_acc)):
             self.history.setdefault(key, []).append(float(value))
+        timing, straggler = self._straggler_report(self.comm.allgather_obj(self.epoch_timer.means_ms()))
+        self.epoch_timer.reset()
         self.metrics.write({"event": "epoch", "epoch": epoch, "step": self.cursor.step,
                             "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
-                            "test_accuracy": test_acc, "epoch_seconds": seconds, "eval_seconds": eval_seconds})
+                            "test_accuracy": test_acc, "epoch_seconds": seconds, "eval_seconds": eval_seconds,
+                            "timing_ms": timing})
         self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                  f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s")
+        self.log("  step time, ms (mean/max over ranks): " +
+                 ", ".join(f"{p} {d['mean']:.2f}/{d['max']:.2f}" for p, d in timing.items()) +
+                 (f"; straggler: {straggler}" if straggler else ""))
         self.cursor.epoch += 1
         self.cursor.step_in_epoch = 0
         xp = self.xp
