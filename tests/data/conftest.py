@@ -18,16 +18,10 @@ from pathlib import Path
 import pytest
 
 from ddtrain.data.datasets import FILES, find_files, load_fashion_mnist
-
-REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
+from tests.helpers import REPO, SHARED_DATA, skip_or_fail
 
 
-def skip_or_fail(reason: str):
-    """Skip with `reason`, or fail with it under CI=true."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: required)")
-    pytest.skip(reason)
+
 
 
 @pytest.fixture(scope="session")

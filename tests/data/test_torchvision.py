@@ -19,7 +19,7 @@ from ddtrain.data.datasets import Dataset, load_dataset, normalize_batch
 from ddtrain.data.torchvision_data import _write_npz, load_torchvision, npz_path
 from ddtrain.errors import ConfigError, DataError
 
-from .conftest import REPO, skip_or_fail
+from tests.helpers import REPO, skip_or_fail
 
 
 def test_missing_torchvision_says_what_to_install(tmp_path, monkeypatch):

@@ -22,16 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tests.helpers import REPO, skip_or_fail
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "tests" / "mpi"
 
 
-def skip_or_fail(reason: str):
-    """Skip with `reason`, or fail with it under CI=true."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: required)")
-    pytest.skip(reason)
 
 
 def find_mpiexec() -> str | None:

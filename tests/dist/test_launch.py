@@ -13,7 +13,7 @@ import pytest
 from ddtrain.errors import ConfigError
 from ddtrain.launch import (build_launch_command, check_ranks, find_mpiexec, flavor_of, forwarded_env,
                             parse_hostfile, parse_hosts, read_hostfile, run_launch)
-from tests.dist.conftest import skip_or_fail
+from tests.helpers import skip_or_fail
 
 HYDRA_VERSION = "HYDRA build details:\n    Version:                                 5.0.2\n"
 OPENMPI_VERSION = "mpiexec (Open MPI) 4.1.6\n\nReport bugs to http://www.open-mpi.org/community/help/\n"
