@@ -17,7 +17,6 @@ import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -96,7 +95,7 @@ class ChaosConfig:
 
     rank: Optional[int] = None     # the rank that misbehaves
     step: Optional[int] = None     # at this global step
-    action: str = "kill"           # kill (SIGKILL) | stop (SIGSTOP) | raise | nan
+    action: str = "kill"           # kill (SIGKILL) | stop (SIGSTOP) | raise | nan | diverge (nudge the weights)
     checkpoint_kill_point: Optional[int] = None  # SIGKILL rank 0 at this point of a checkpoint write
 
 
@@ -127,7 +126,7 @@ CHOICES = {
     ("schedule", "name"): ("constant", "step", "cosine"),
     ("data", "normalize"): ("standard", "unit"),
     ("train", "nonfinite"): ("stop", "skip"),
-    ("chaos", "action"): ("kill", "stop", "raise", "nan"),
+    ("chaos", "action"): ("kill", "stop", "raise", "nan", "diverge"),
 }
 
 # (section, key): (lowest allowed, whether the lowest is excluded)
@@ -234,11 +233,8 @@ def _validate(cfg: Config) -> None:
 def bundled_configs() -> dict[str, Path]:
     """The configs shipped with ddtrain by name: the repository's configs/ in a source checkout,
     the package ddtrain.configs in an installed wheel."""
-    dirs = [Path(__file__).resolve().parent.parent / "configs"]
-    try:
-        dirs.append(Path(str(resources.files("ddtrain.configs"))))
-    except ModuleNotFoundError:
-        pass
+    here = Path(__file__).resolve().parent
+    dirs = [here.parent / "configs", here / "configs"]
     found: dict[str, Path] = {}
     for d in dirs:
         for f in sorted(d.glob("*.yaml")) if d.is_dir() else []:

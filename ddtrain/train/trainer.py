@@ -49,9 +49,21 @@ PHASES = ("data", "forward", "backward", "comm_wait", "optimizer")
 
 
 class Interrupted(DDTrainError):
-    """SIGINT/SIGTERM: a checkpoint was written at a step boundary; exit 130."""
+    """SIGINT/SIGTERM: a checkpoint was written at a step boundary; exit 128 + the signal (130, 143)."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def current_rss_mb() -> float:
+    """This process's resident set size now, in MB (/proc/self/statm; the peak where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return peak_rss_mb()
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @dataclass
@@ -164,21 +176,36 @@ class Trainer:
         self.cursor = Cursor()
         self.epoch_timer = StepTimer()
         self.epoch_sums = [self.xp.zeros((), dtype=self.xp.float64), self.xp.zeros((), dtype=self.xp.int64), 0]
-        self.metrics = MetricsLog(self.run_dir, enabled=self.is_root, tensorboard_dir=tensorboard_dir)
+        self._metrics: MetricsLog | None = None
+        self._tensorboard_dir = tensorboard_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.history: dict = {}
+
+    @property
+    def metrics(self) -> MetricsLog:
+        """metrics.jsonl, opened on first write: a refused start or resume leaves none behind
+        (an empty one would make the next plain run in this run dir refuse to start)."""
+        if self._metrics is None:
+            self._metrics = MetricsLog(self.run_dir, enabled=self.is_root, tensorboard_dir=self._tensorboard_dir)
+        return self._metrics
 
     # ---------------------------------------------------------------- start-up agreement
     def agree(self) -> None:
         """Every rank checks the config and parameter layout against rank 0; rank 0's weights win."""
         mine = (self.cfg.digest(), self.params.layout_signature(), self.comm.hostname, os.getpid())
         everyone = self.comm.allgather_obj(mine)
+        self.hosts = [host for _, _, host, _ in everyone]
+        if self.comm.size > 1:
+            self.log("ranks: " + " ".join(f"{r}@{h}" for r, h in enumerate(self.hosts)))
         for r, (digest, layout, host, pid) in enumerate(everyone):
             if digest != everyone[0][0]:
                 raise ConfigError(f"rank {r} (host {host}) has a different config than rank 0: "
                                   f"start every rank with the same options and config file")
             if layout != everyone[0][1]:
                 raise ConfigError(f"rank {r} (host {host}) built a different parameter layout than rank 0")
+        if self.comm.size > 1:  # hydra names a dead process by its pid only: say which rank is which
+            self.log("ranks: " + ", ".join(f"{r} = pid {pid} on {host}"
+                                           for r, (_, _, host, pid) in enumerate(everyone)))
         self.comm.Bcast(self.params.data, root=0)
 
     # ---------------------------------------------------------------- resume
@@ -262,6 +289,10 @@ class Trainer:
             self._reduced_epoch_sums()
             return None
         c = self.cursor
+        if not math.isfinite(float(self.params.data.sum())):
+            # Finite gradients can still overflow the weights (a huge lr): never save those.
+            raise DDTrainError(f"non-finite weights after step {c.step} (epoch {c.epoch + 1}); "
+                               f"stopped without writing a checkpoint. Lower optimizer.lr")
         state = {
             "cursor": {"epoch": c.epoch, "step_in_epoch": c.step_in_epoch, "step": c.step},
             "global_step": c.step,
@@ -389,6 +420,8 @@ class Trainer:
             raise RuntimeError(f"chaos: injected failure at step {step + 1}")
         elif ch.action == "nan":
             self.params.grad[0] = float("nan")
+        elif ch.action == "diverge":  # this rank's weights drift from the others' (a silent bug)
+            self.params.data[:1] += 1e-3
 
     def _straggler_report(self, per_rank: list[dict]) -> tuple[dict, str | None]:
         """Mean and max over ranks of each phase; the name of a rank much slower than the median."""
@@ -414,6 +447,7 @@ class Trainer:
         if self.cursor.step == 0:
             self.metrics.write({"event": "start", "step": 0, "world_size": comm.size,
                                 "config": cfg.to_dict(), "device": self.backend.device,
+                                "hosts": getattr(self, "hosts", [self.comm.hostname]),
                                 "steps_per_epoch": spe, "total_steps": self.total_steps})
         flags = np.zeros(2, dtype=np.int64)
         with StopSignals() as signals:
@@ -483,9 +517,11 @@ class Trainer:
                 elif flags[0]:
                     self.save()
                 if flags[0]:
+                    # flags[0] is a sum over ranks: the message wants the signal itself.
+                    signum = comm.allreduce_obj(int(signals.requested), op="max")
                     comm.Barrier()
-                    raise Interrupted(f"interrupted by signal {flags[0]} at step {self.cursor.step}; "
-                                      f"checkpoint written to {self.ckpt_dir}; continue with --resume auto")
+                    raise Interrupted(f"interrupted by {signal.Signals(signum).name} at step {self.cursor.step}; "
+                                      f"checkpoint written to {self.ckpt_dir}; continue with --resume auto", signum)
         wall = time.perf_counter() - started
         test_loss, test_acc = self.history.get("test_loss", [None])[-1], self.history.get("test_accuracy", [None])[-1]
         sps = train_samples / train_seconds if train_seconds > 0 else None
@@ -552,11 +588,12 @@ class Trainer:
                            ("test_loss", test_loss), ("test_accuracy", test_acc)):
             self.history.setdefault(key, []).append(float(value))
         timing, straggler = self._straggler_report(self.comm.allgather_obj(self.epoch_timer.means_ms()))
+        rss = self.comm.allgather_obj(round(current_rss_mb(), 2))  # once an epoch: the leak watch
         self.epoch_timer.reset()
         self.metrics.write({"event": "epoch", "epoch": epoch, "step": self.cursor.step,
                             "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
                             "test_accuracy": test_acc, "epoch_seconds": seconds, "eval_seconds": eval_seconds,
-                            "timing_ms": timing})
+                            "timing_ms": timing, "rss_mb": max(rss), "rss_mb_per_rank": rss})
         self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                  f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s")
         self.log("  step time, ms (mean/max over ranks): " +
@@ -569,9 +606,14 @@ class Trainer:
         self.save()
 
     def check_fingerprints(self) -> None:
-        """Every rank's weights must be bitwise identical; name the ranks that differ from rank 0."""
+        """Every rank's weights must be bitwise identical; name the ranks that differ from the majority."""
         prints = self.comm.allgather_obj(self.params.fingerprint())
-        bad = [r for r, f in enumerate(prints) if f != prints[0]]
-        if bad:
-            raise DDTrainError(f"weights diverged at step {self.cursor.step}: rank(s) "
-                               f"{', '.join(map(str, bad))} differ from rank 0; stopping")
+        if len(set(prints)) == 1:
+            return
+        common = max(set(prints), key=prints.count)
+        if prints.count(common) * 2 > len(prints):
+            bad = [r for r, f in enumerate(prints) if f != common]
+            raise DDTrainError(f"weights diverged at step {self.cursor.step}: rank(s) {', '.join(map(str, bad))} "
+                               f"differ from the other {prints.count(common)} ranks; stopping")
+        raise DDTrainError(f"weights diverged at step {self.cursor.step}: no majority among the ranks' "
+                           f"weights ({', '.join(f'rank {r}: {f[:12]}' for r, f in enumerate(prints))}); stopping")
