@@ -14,7 +14,8 @@ set -euo pipefail
 log=${DOCKERD_LOG:-/tmp/dockerd.log}
 
 missing=()
-command -v docker >/dev/null || missing+=(docker.io)
+# `docker` alone may be a bare client (some images ship one): the engine is dockerd.
+command -v dockerd >/dev/null || missing+=(docker.io)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 if ((${#missing[@]})); then
