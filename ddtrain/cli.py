@@ -75,7 +75,7 @@ def _parse_chaos(text: str | None) -> dict:
     parts = text.split(":")
     if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
         raise ConfigError(f"--chaos {text!r}: expected ACTION:RANK:STEP, e.g. kill:1:20 "
-                          f"(actions: kill, stop, raise, nan)")
+                          f"(actions: kill, stop, raise, nan, diverge)")
     return {"chaos.action": parts[0], "chaos.rank": int(parts[1]), "chaos.step": int(parts[2])}
 
 
@@ -122,7 +122,7 @@ def _prepare_run_dir(path: Path, resume: str | None, overwrite: bool) -> None:
 @click.option("--deterministic", is_flag=True, default=None,
               help="Bitwise identical weights for any number of ranks (fixed micro-shards).")
 @click.option("--tensorboard", "tensorboard_dir", type=click.Path(), help="Also write TensorBoard scalars here.")
-@click.option("--chaos", help="Fault injection for drills: ACTION:RANK:STEP (kill, stop, raise, nan).")
+@click.option("--chaos", help="Fault injection for drills: ACTION:RANK:STEP (kill, stop, raise, nan, diverge).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. optimizer.lr=0.1.")
 def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_dir, resume, overwrite,
           train_samples, threads, timeout, deterministic, tensorboard_dir, chaos, sets):
@@ -146,8 +146,6 @@ def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_d
     with _guard(comm):
         if comm.rank == 0:
             _prepare_run_dir(path, resume, overwrite)
-            import yaml
-            (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         from ddtrain.train.trainer import Trainer
         trainer = Trainer(cfg, comm, backend, path, data_dir=data_dir, log=log,
                           progress=sys.stdout.isatty(), tensorboard_dir=tensorboard_dir)
@@ -157,6 +155,9 @@ def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_d
         trainer.agree()
         if resume:
             trainer.resume(resume)
+        if comm.rank == 0:  # only now: a refused start or resume leaves the run dir's config.yaml as it was
+            import yaml
+            (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         summary = trainer.fit()
         log(f"done: test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f}, "
             f"{(summary['samples_per_second'] or 0):,.0f} samples/s, {summary['wall_seconds']:.1f} s, "

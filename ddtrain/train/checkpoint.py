@@ -201,10 +201,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
 def find_resume_checkpoint(root: Path, warn: Callable[[str], None]) -> Checkpoint | None:
     """The newest valid checkpoint under `root` (the `latest` pointer first), or None.
 
-    Every invalid candidate is reported through `warn` with its name and defect.
+    Every invalid candidate is reported through `warn` with its name and defect, and so is
+    every temporary left by a write that was killed (it is never a candidate).
     """
     root = Path(root)
     candidates = list_checkpoints(root)
+    for unfinished in sorted(root.glob(f".tmp-{PREFIX}*")):
+        warn(f"ignoring {unfinished.name}: a checkpoint write that never finished (its writer died)")
     pointer = read_latest_pointer(root)
     if pointer and (root / pointer) in candidates:
         candidates.remove(root / pointer)

@@ -195,17 +195,15 @@ class Trainer:
         mine = (self.cfg.digest(), self.params.layout_signature(), self.comm.hostname, os.getpid())
         everyone = self.comm.allgather_obj(mine)
         self.hosts = [host for _, _, host, _ in everyone]
-        if self.comm.size > 1:
-            self.log("ranks: " + " ".join(f"{r}@{h}" for r, h in enumerate(self.hosts)))
+        if self.comm.size > 1:  # the pids too: hydra names a dead process by its pid only
+            self.log("ranks: " + " ".join(f"{r}@{h}" for r, h in enumerate(self.hosts))
+                     + " (pids " + " ".join(str(pid) for *_, pid in everyone) + ")")
         for r, (digest, layout, host, pid) in enumerate(everyone):
             if digest != everyone[0][0]:
                 raise ConfigError(f"rank {r} (host {host}) has a different config than rank 0: "
                                   f"start every rank with the same options and config file")
             if layout != everyone[0][1]:
                 raise ConfigError(f"rank {r} (host {host}) built a different parameter layout than rank 0")
-        if self.comm.size > 1:  # hydra names a dead process by its pid only: say which rank is which
-            self.log("ranks: " + ", ".join(f"{r} = pid {pid} on {host}"
-                                           for r, (_, _, host, pid) in enumerate(everyone)))
         self.comm.Bcast(self.params.data, root=0)
 
     # ---------------------------------------------------------------- resume
