@@ -6,9 +6,21 @@ traceback (``--debug`` shows it). Everything else is a bug and keeps its traceba
 
 
 class DDTrainError(Exception):
-    """A runtime failure the user can act on (bad data file, corrupt checkpoint...). Exit 1."""
+    """A runtime failure the user can act on (bad data file, corrupt checkpoint...). Exit 1.
+
+    collective: every rank raised this same error at the same point of the program (a
+    decision all ranks took on identical data), so an MPI job can end cleanly with one
+    message instead of aborting. Set it with `everywhere(...)`.
+    """
 
     exit_code = 1
+    collective = False
+
+
+def everywhere(error: DDTrainError) -> DDTrainError:
+    """Mark `error` as raised by every rank at the same point (see DDTrainError.collective)."""
+    error.collective = True
+    return error
 
 
 class ConfigError(DDTrainError):

@@ -119,6 +119,18 @@ def report_and_abort(comm: Communicator, exc: BaseException, debug: bool | None 
     comm.Abort(exit_code_of(exc))
 
 
+def end_together(comm: Communicator, exc: BaseException, debug: bool | None = None) -> None:
+    """An error every rank raised at the same point (DDTrainError.collective): rank 0 says it
+    once, the ranks meet at a barrier (under the watchdog's deadline) and exit with its code,
+    without MPI Abort. Never returns."""
+    if comm.rank == 0:
+        if _debug_requested(debug):
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    comm.Barrier()
+    raise SystemExit(exit_code_of(exc))
+
+
 @contextmanager
 def abort_on_exception(comm: Communicator | None = None, debug: bool | None = None) -> Iterator[None]:
     """Around a command run under MPI: any exception on any rank ends the whole job.
@@ -127,6 +139,8 @@ def abort_on_exception(comm: Communicator | None = None, debug: bool | None = No
     ``rank R: <reason>`` on stderr, the traceback too with `debug` (default: DDTRAIN_DEBUG),
     and calls MPI Abort with the exit code the single-process CLI would use (ConfigError 2,
     other DDTrainError 1, bugs 1, interrupt 130), so no rank waits forever in a collective.
+    An error marked collective (raised by every rank at the same point) ends the job cleanly
+    instead, with one message from rank 0 (see `end_together`).
     With one process (or no communicator yet) the exception propagates unchanged.
 
     comm: the communicator; None uses the one `world()` created, if any.
@@ -137,5 +151,7 @@ def abort_on_exception(comm: Communicator | None = None, debug: bool | None = No
         c = comm if comm is not None else _world
         if c is None or c.size == 1 or (isinstance(exc, SystemExit) and exit_code_of(exc) == 0):
             raise
+        if getattr(exc, "collective", False):
+            end_together(c, exc, debug)
         report_and_abort(c, exc, debug)
         raise  # Abort never returns; kept for a communicator whose Abort does

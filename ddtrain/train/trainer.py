@@ -40,7 +40,7 @@ from ddtrain.engine.losses import make_loss
 from ddtrain.engine.model import build_model
 from ddtrain.engine.optim import make_optimizer
 from ddtrain.engine.schedules import make_schedule
-from ddtrain.errors import CheckpointError, ConfigError, DDTrainError
+from ddtrain.errors import CheckpointError, ConfigError, DDTrainError, everywhere
 from ddtrain.train.evaluate import evaluate_model
 from ddtrain.train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from ddtrain.train.metrics import MetricsLog, peak_rss_mb
@@ -50,6 +50,8 @@ PHASES = ("data", "forward", "backward", "comm_wait", "optimizer")
 
 class Interrupted(DDTrainError):
     """SIGINT/SIGTERM: a checkpoint was written at a step boundary; exit 128 + the signal (130, 143)."""
+
+    collective = True  # the ranks agreed on the step to stop at
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -200,10 +202,11 @@ class Trainer:
                      + " (pids " + " ".join(str(pid) for *_, pid in everyone) + ")")
         for r, (digest, layout, host, pid) in enumerate(everyone):
             if digest != everyone[0][0]:
-                raise ConfigError(f"rank {r} (host {host}) has a different config than rank 0: "
-                                  f"start every rank with the same options and config file")
+                raise everywhere(ConfigError(f"rank {r} (host {host}) has a different config than rank 0: "
+                                             f"start every rank with the same options and config file"))
             if layout != everyone[0][1]:
-                raise ConfigError(f"rank {r} (host {host}) built a different parameter layout than rank 0")
+                raise everywhere(ConfigError(f"rank {r} (host {host}) built a different parameter layout "
+                                             f"than rank 0"))
         self.comm.Bcast(self.params.data, root=0)
 
     # ---------------------------------------------------------------- resume
@@ -218,7 +221,7 @@ class Trainer:
                 error = e
         error = self.comm.bcast_obj(error, root=0)
         if error is not None:
-            raise error
+            raise everywhere(error)
         state = self.comm.bcast_obj(ckpt.state if self.is_root else None, root=0)
         if self.is_root:
             self.params.load_state_dict(ckpt.model)
@@ -283,14 +286,15 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Rank 0 writes the checkpoint; other ranks only join the reduction of the epoch sums."""
-        if not self.is_root:
-            self._reduced_epoch_sums()
-            return None
         c = self.cursor
         if not math.isfinite(float(self.params.data.sum())):
             # Finite gradients can still overflow the weights (a huge lr): never save those.
-            raise DDTrainError(f"non-finite weights after step {c.step} (epoch {c.epoch + 1}); "
-                               f"stopped without writing a checkpoint. Lower optimizer.lr")
+            # Every rank holds the same weights, so every rank stops here.
+            raise everywhere(DDTrainError(f"non-finite weights after step {c.step} (epoch {c.epoch + 1}); "
+                                          f"stopped without writing a checkpoint. Lower optimizer.lr"))
+        if not self.is_root:
+            self._reduced_epoch_sums()
+            return None
         state = {
             "cursor": {"epoch": c.epoch, "step_in_epoch": c.step_in_epoch, "step": c.step},
             "global_step": c.step,
@@ -472,10 +476,10 @@ class Trainer:
                         comm.Allreduce(flags)
                     if flags[1]:
                         if cfg.train.nonfinite == "stop":
-                            raise DDTrainError(
+                            raise everywhere(DDTrainError(
                                 f"non-finite loss or gradient at step {step + 1} (epoch {self.cursor.epoch + 1}); "
                                 f"stopped without writing a checkpoint. Lower optimizer.lr, or set "
-                                f"train.nonfinite=skip to skip such steps")
+                                f"train.nonfinite=skip to skip such steps"))
                         self.log(f"step {step + 1}: non-finite gradient, step skipped (train.nonfinite=skip)")
                     else:
                         t5 = time.perf_counter()
@@ -611,7 +615,9 @@ class Trainer:
         common = max(set(prints), key=prints.count)
         if prints.count(common) * 2 > len(prints):
             bad = [r for r, f in enumerate(prints) if f != common]
-            raise DDTrainError(f"weights diverged at step {self.cursor.step}: rank(s) {', '.join(map(str, bad))} "
-                               f"differ from the other {prints.count(common)} ranks; stopping")
-        raise DDTrainError(f"weights diverged at step {self.cursor.step}: no majority among the ranks' "
-                           f"weights ({', '.join(f'rank {r}: {f[:12]}' for r, f in enumerate(prints))}); stopping")
+            raise everywhere(DDTrainError(
+                f"weights diverged at step {self.cursor.step}: rank(s) {', '.join(map(str, bad))} "
+                f"differ from the other {prints.count(common)} ranks; stopping"))
+        raise everywhere(DDTrainError(
+            f"weights diverged at step {self.cursor.step}: no majority among the ranks' "
+            f"weights ({', '.join(f'rank {r}: {f[:12]}' for r, f in enumerate(prints))}); stopping"))

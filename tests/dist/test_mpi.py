@@ -8,6 +8,7 @@ non-zero within the promised time and names the culprit, and that no rank surviv
 from __future__ import annotations
 
 import re
+import os
 import sys
 import time
 
@@ -121,8 +122,10 @@ def test_a_rank_busy_longer_than_the_heartbeat_timeout_is_not_a_failure(mpirun):
     assert r.output.count("finished") == 3, r.output
 
 
-def test_launch_runs_ranks_with_the_real_mpiexec_and_returns_their_status(mpirun, capfd):
+def test_launch_runs_ranks_with_the_real_mpiexec_and_returns_their_status(mpirun, capfd, monkeypatch):
     # (the mpirun fixture only brings the skip/CI rule: run_launch finds mpiexec itself)
+    for name in [k for k in os.environ if k.startswith("DDTRAIN_")]:
+        monkeypatch.delenv(name)  # forwarded DDTRAIN_* variables would add -genv flags to the command
     assert run_launch(2, ["--version"]) == 0
     out = capfd.readouterr().out
     assert out.splitlines()[0].endswith(f"mpiexec -n 2 {sys.executable} -m ddtrain --version"), out

@@ -80,7 +80,8 @@ def test_signal_to_mpiexec_checkpoints_and_resumes(mpi, long_reference, tmp_path
     r = mpi.wait(proc, timeout=60, started=t0)
     assert r.seconds < 10, r
     step = interrupted_at(r, signum)
-    assert f"rank 0: interrupted by {signal.Signals(signum).name} at step {step}" in r.err, r
+    # the ranks agreed on the step: one message from rank 0, a clean exit, no MPI abort
+    assert r.err.count(f"error: interrupted by {signal.Signals(signum).name} at step {step}") == 1, r
     assert read_latest_pointer(run / "checkpoints") == f"step-{step:08d}"
     assert orphans(mpi.marker) == []
     done = mpi.ok(run, *LONG, "--resume", "auto")  # on one process: any rank count resumes
@@ -110,6 +111,9 @@ def test_second_ctrl_c_to_mpiexec_kills_the_job_at_once(mpi, tmp_path):
         rc = proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         pytest.fail(f"mpiexec did not end after a second Ctrl-C:\n{log.read_text()[-3000:]}")
-    assert rc != 0 and time.monotonic() - t0 < 5, log.read_text()[-3000:]
+    # The exit status is hydra's own: after a forced abort it is usually non-zero, but MPICH
+    # 5.0.2's proxy sometimes reports 0 ("assert (!closed) failed"); what matters here is
+    # that the job ends at once and leaves nothing behind.
+    assert time.monotonic() - t0 < 5, log.read_text()[-3000:]
     assert orphans(mpi.marker) == []  # the stopped ranks were killed too
     assert find_resume_checkpoint(run / "checkpoints", warn=print) is not None
