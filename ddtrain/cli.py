@@ -301,3 +301,9 @@ def verify(ranks, config, epochs, data_dir, run_dir, sets):
         raise DDTrainError("weights differ between rank counts: " +
                            ", ".join(f"{k}: {h[:12]}" for k, h in hashes.items()))
     click.echo(f"bitwise identical weights for {', '.join(map(str, counts))} rank(s)")
+
+
+# ------------------------------------------------------------------------------ bench
+from ddtrain.bench import bench  # noqa: E402 (click and the standard library only at import)
+
+main.add_command(bench)

@@ -57,14 +57,23 @@ class Sequential:
         for slot in self.params.slots:
             i, name = slot.name.split(".", 1)
             self._first_offset.setdefault(int(i), slot.start)
-        for i, layer in enumerate(self.layers):
-            prefix = f"{i}."
-            layer.bind({n[len(prefix):]: v for n, v in self.params.params.items() if n.startswith(prefix)},
-                       {n[len(prefix):]: v for n, v in self.params.grads.items() if n.startswith(prefix)})
+        self._bind_layers()
         rng = np.random.default_rng(seed)
         for layer in self.layers:
             layer.init_params(rng, init)
         self.input_grad = input_grad
+
+    def _bind_layers(self) -> None:
+        for i, layer in enumerate(self.layers):
+            prefix = f"{i}."
+            layer.bind({n[len(prefix):]: v for n, v in self.params.params.items() if n.startswith(prefix)},
+                       {n[len(prefix):]: v for n, v in self.params.grads.items() if n.startswith(prefix)})
+
+    def use_buffers(self, data, grad, copy_data: bool = True) -> None:
+        """Move the flat parameter and gradient buffers (`FlatParams.use_buffers`) and re-bind
+        every layer to views of the new ones. Call before building the optimizer."""
+        self.params.use_buffers(data, grad, copy_data)
+        self._bind_layers()
 
     @property
     def input_grad(self) -> bool:

@@ -1,7 +1,8 @@
 """Optimizers over the flat parameter vector, with torch.optim's exact update rules.
 
 Each ``step(lr)`` reads ``params.grad`` and updates ``params.data`` in place with a
-handful of whole-vector operations into preallocated temporaries (the grad is never
+handful of whole-vector operations (one-pass BLAS axpby where numpy's BLAS has it, see
+ddtrain.engine.blas) into preallocated temporaries (the grad is never
 modified, so it can still be logged or checked after the step). Hyperparameters are
 plain attributes fixed at construction; state (momentum, moments, step count) lives in
 ``self.state`` and ``self.steps``, is created on the first step, and round-trips through
@@ -17,6 +18,7 @@ import math
 
 import numpy as np
 
+from ddtrain.engine.blas import axpby
 from ddtrain.engine.params import FlatParams
 from ddtrain.errors import CheckpointError, ConfigError
 
@@ -103,25 +105,23 @@ class SGD(Optimizer):
         self.state_keys = ("momentum",) if momentum else ()
 
     def _update(self, lr):
-        xp, m, p = self.xp, self.momentum, self.params.data
+        # One pass over the flat vectors per line (blas.axpby): the update is memory-bound.
+        m, p = self.momentum, self.params.data
         d = self._weight_decayed_grad(self.weight_decay)
         if m:
             buf = self.state.get("momentum")
             if buf is None:
-                buf = self.state["momentum"] = xp.array(d)
+                buf = self.state["momentum"] = self.xp.array(d)
             else:
-                xp.multiply(buf, m, out=buf)
-                xp.add(buf, d, out=buf)
+                axpby(1.0, d, m, buf, scratch=self._temp(1))  # buf = m * buf + d
             if self.nesterov:
                 t = self._temp(1)
-                xp.multiply(buf, m, out=t)
-                xp.add(d, t, out=t)
+                t[...] = d
+                axpby(m, buf, 1.0, t, scratch=self._temp(2))  # t = d + m * buf
                 d = t
             else:
                 d = buf
-        t = self._temp(1)
-        xp.multiply(d, lr, out=t)
-        xp.subtract(p, t, out=p)
+        axpby(-lr, d, 1.0, p, scratch=self._temp(2 if self.nesterov else 1))  # p -= lr * d
 
 
 class Adam(Optimizer):

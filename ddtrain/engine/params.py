@@ -33,6 +33,18 @@ class Slot:
     stop: int
 
 
+@dataclass(frozen=True)
+class FlatPart:
+    """A contiguous range of FlatParams' buffers: what an optimizer needs (data, grad, size,
+    backend). data, grad: 1-D views of `size` elements starting at flat index `start`."""
+
+    data: object
+    grad: object
+    size: int
+    backend: Backend
+    start: int
+
+
 class FlatParams:
     """The flat buffers plus named views.
 
@@ -54,10 +66,36 @@ class FlatParams:
             raise ValueError(f"duplicate parameter names in {[s.name for s in slots]}")
         self.slots: list[Slot] = slots
         self.size = offset
-        self.data = xp.zeros(offset, dtype=dtype)
-        self.grad = xp.zeros(offset, dtype=dtype)
-        self.params = {s.name: self.data[s.start:s.stop].reshape(s.shape) for s in slots}
-        self.grads = {s.name: self.grad[s.start:s.stop].reshape(s.shape) for s in slots}
+        self._set_buffers(xp.zeros(offset, dtype=dtype), xp.zeros(offset, dtype=dtype))
+
+    def _set_buffers(self, data, grad) -> None:
+        self.data, self.grad = data, grad
+        self.params = {s.name: data[s.start:s.stop].reshape(s.shape) for s in self.slots}
+        self.grads = {s.name: grad[s.start:s.stop].reshape(s.shape) for s in self.slots}
+
+    def use_buffers(self, data, grad, copy_data: bool = True) -> None:
+        """Move to other flat buffers (e.g. node shared memory, see ddtrain.dist.shm).
+
+        data, grad: 1-D arrays of `size` elements and this dtype. The current parameters are
+        copied into `data` when `copy_data` (False: another process fills it), `grad` is
+        zeroed. Every view handed out before is stale afterwards: the model re-binds its
+        layers (`Sequential.use_buffers`), and optimizers must be built after this call.
+        """
+        for name, a in (("data", data), ("grad", grad)):
+            if a.shape != (self.size,) or a.dtype != self.data.dtype:
+                raise ValueError(f"{name} must be a ({self.size},) {self.data.dtype} array, "
+                                 f"not {a.shape} {a.dtype}")
+        if copy_data:
+            data[...] = self.data
+        grad.fill(0)
+        self._set_buffers(data, grad)
+
+    def part(self, start: int, stop: int) -> FlatPart:
+        """The flat range [start, stop) of both buffers, as an optimizer's `params` (it updates
+        only that range: one rank's share of a node's update, see ddtrain.dist.shm)."""
+        if not 0 <= start <= stop <= self.size:
+            raise ValueError(f"part [{start}, {stop}) is outside the {self.size} parameters")
+        return FlatPart(self.data[start:stop], self.grad[start:stop], stop - start, self.backend, start)
 
     @property
     def names(self) -> list[str]:

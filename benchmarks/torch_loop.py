@@ -1,0 +1,60 @@
+"""The PyTorch training loop ddtrain is measured against (see loop_common.py).
+
+usage: python benchmarks/torch_loop.py --batch 64 --samples 60000 --weights init.npz
+
+What a PyTorch user writes for this model: torch.nn.Sequential, F.cross_entropy,
+torch.optim.SGD(momentum=0.9) with its defaults, zero_grad() each step, on one thread
+(torch.set_num_threads(1), and OMP/MKL_NUM_THREADS=1 in the environment). The batch is
+gathered with index_select from the uint8 dataset in memory and standardised in float32,
+as ddtrain does it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loop_common import BASE_LR, MOMENTUM, Clock, LossCheck, cosine_lr, load_data, parser, report, steps_of
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    torch.set_num_threads(1)
+    x_all, y_all, mean, std, perm = load_data(args.data_dir, args.samples)
+    x_all, y_all = torch.from_numpy(np.array(x_all)), torch.from_numpy(y_all)  # a writable copy
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    init = np.load(args.weights)
+    model.load_state_dict({k: torch.from_numpy(init[k].astype(np.float32)) for k in init.files})
+    opt = torch.optim.SGD(model.parameters(), lr=BASE_LR, momentum=MOMENTUM)
+    B, N = args.batch, len(y_all)
+    total = steps_of(N, B)
+    perm = torch.from_numpy(perm)
+    clock, check = Clock(), LossCheck(args.check_step)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    for step in range(total):
+        idx = perm[step * B:(step + 1) * B]
+        x = x_all.index_select(0, idx).to(torch.float32).div_(255).sub_(mean).div_(std)
+        y = y_all.index_select(0, idx)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, total)
+        opt.step()
+        with torch.no_grad():
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(dim=1) == y).sum()
+        check.seen(step, loss.detach())
+        clock.tick(len(idx))
+    report("torch", clock, float(loss.detach()), epoch_loss=float(loss_sum) / N, epoch_accuracy=int(correct) / N,
+           check_loss=check.loss,
+           torch_threads=torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()

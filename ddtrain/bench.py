@@ -1,0 +1,682 @@
+"""``ddtrain bench``: how fast ddtrain trains, against what its users would otherwise run.
+
+Every figure comes from separate processes, alternated over rounds (the order of the
+contenders rotates each round), and is reported as the median over rounds with its spread
+((max - min) / median) and the machine's load average, because a shared or throttled machine
+makes single runs meaningless. Sections (``--sections``):
+
+  single     `ddtrain train` (the real CLI, trainer and engine) against the hand-written numpy
+             loop (plain, and with reused buffers) and PyTorch (when importable): the mlp config
+             (784-512-512-10 ReLU, float32, SGD momentum, cosine), 1 BLAS thread, the same
+             initial weights and data order (all three print the same last-step loss), at each
+             batch size. ddtrain's samples/s is wall time between its first and last step
+             records in metrics.jsonl; the loops time every step after the first.
+  ranks      at per-rank batch b: 1 rank (batch b); 2 ranks (mpiexec -n 2, global batch 2b), with
+             the configured overlap and with dist.overlap=false; two independent 1-rank runs
+             started together (this machine's ceiling for 2 ranks: same cores, no communication);
+             the bare numpy+mpi4py data-parallel loop.
+  allreduce  ddtrain's gradient reduction against a bare mpi4py Allreduce of the same bytes, and
+             the shared-memory reduction against a memcpy (benchmarks/allreduce.py, 2 ranks).
+  startup    `ddtrain --help` wall time; launch to the end of the first training step (default
+             config) for 1 and 2 ranks.
+  profile    one steady-state step split into matmul, element-wise, optimizer, data, communication
+             and Python (benchmarks/profile_step.py), 1 and 2 ranks.
+
+BLAS settings (``--blas``): "as set" runs every process with OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE
+as this environment has them (or as ``--blas-env`` gives them); "unset" removes both (OpenBLAS
+then picks its kernel for the CPU). PyTorch (MKL) and ddtrain always run under the same setting.
+When the environment sets neither, there is one setting.
+
+The helper scripts live in benchmarks/ of a source checkout. Output: a table on stdout, and
+everything (every run's figures, the medians, the goals of issue 6) as JSON in ``--output``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+from ddtrain.errors import ConfigError, DDTrainError
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "benchmarks"
+BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+IMPLS = ("ddtrain", "numpy", "numpy-reuse", "torch")
+SECTIONS = ("single", "ranks", "allreduce", "startup", "profile")
+RANK_VARIANTS = ("1 rank", "2 ranks", "2 ranks, no overlap", "2 ranks, shm shards", "2 independent",
+                 "numpy+mpi4py", "numpy+shm")
+RUN_TIMEOUT = 600  # seconds any one process may take
+
+# Issue 6's goals: (key, what, target, "min" or "max").
+GOALS = (
+    ("torch_64", "ddtrain / PyTorch samples/s, batch 64", 1.3, "min"),
+    ("torch_256", "ddtrain / PyTorch samples/s, batch 256", 1.15, "min"),
+    ("numpy", "ddtrain / hand-written numpy loop, every batch (worst)", 1.0, "min"),
+    ("pair", "2 ranks / two independent processes (worst batch)", 0.95, "min"),
+    ("pair_shm", "the same with ddtrain.dist.shm's sharded step (benchmarks/shm_train.py)", 0.95, "min"),
+    ("allreduce", "ddtrain gradient allreduce / bare Allreduce (as trained)", 1.1, "max"),
+    ("shm", "shared-memory reduction / memcpy", 3.0, "max"),
+    ("rss", "peak RSS per rank, MB (default model, dataset included)", 300.0, "max"),
+    ("help", "ddtrain --help, s", 0.5, "max"),
+    ("first_step", "launch to first training step, s (worst of 1 and 2 ranks)", 3.0, "max"),
+)
+
+
+@dataclass
+class Options:
+    rounds: int = 5
+    samples: int = 60000
+    batches: tuple = (64, 256)
+    impls: tuple = IMPLS
+    sections: tuple = SECTIONS
+    blas: str = "both"
+    blas_env: dict = field(default_factory=dict)
+    data_dir: str | None = None
+    allreduce_repeats: int = 200
+    startup_runs: int = 5
+    quick: bool = False
+
+
+# ------------------------------------------------------------------------------ small helpers
+def median(values):
+    import statistics
+    return statistics.median(values) if values else None
+
+
+def summarize(values: list[float]) -> dict:
+    """{"runs", "median", "min", "max", "spread"}: spread = (max - min) / median."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"runs": values, "median": None, "min": None, "max": None, "spread": None}
+    m = median(vals)
+    return {"runs": vals, "median": m, "min": min(vals), "max": max(vals),
+            "spread": (max(vals) - min(vals)) / m if m else None}
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def blas_settings(environ, which: str, forced: dict) -> list[dict]:
+    """[{"label", "env"}] for ``--blas``: "as set" keeps (or, with `forced`, sets) OPENBLAS_CORETYPE
+    and OPENBLAS_L2_SIZE; "unset" removes both. One setting when the two would be the same."""
+    base = {k: v for k, v in environ.items() if k not in BLAS_VARS}
+    as_set = {k: environ[k] for k in BLAS_VARS if k in environ} | dict(forced)
+    settings = []
+    if which in ("both", "as-set") and as_set:
+        label = "as set (" + ", ".join(f"{k}={v}" for k, v in as_set.items()) + ")"
+        settings.append({"label": label, "env": base | as_set, "vars": as_set})
+    if which in ("both", "unset") or not as_set:
+        label = "unset" if as_set else "unset (the environment sets neither " + " nor ".join(BLAS_VARS) + ")"
+        settings.append({"label": label, "env": dict(base), "vars": {}})
+    return settings
+
+
+def machine_info() -> dict:
+    import platform
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "loadavg_at_start": os.getloadavg()}
+
+
+# ------------------------------------------------------------------------------ the runner
+class Runner:
+    """Starts the processes one benchmark run needs and reads their figures back."""
+
+    def __init__(self, opts: Options, workdir: Path, echo):
+        self.opts, self.workdir, self.echo = opts, workdir, echo
+        self.python = sys.executable
+        self.loads: list[float] = []
+        self.weights = workdir / "init.npz"
+        self._mpiexec: list[str] | None = None
+        self._mpi_error: str | None = None
+        self._runs = 0
+
+    # -- processes ---------------------------------------------------------------------
+    def env(self, setting: dict) -> dict:
+        env = dict(setting["env"])
+        for key in THREAD_VARS:
+            env[key] = "1"
+        env.pop("DDTRAIN_THREADS", None)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        if self.opts.data_dir:
+            env["DDTRAIN_DATA"] = str(self.opts.data_dir)
+        return env
+
+    def start(self, cmd: list[str], setting: dict):
+        import subprocess
+        self.loads.append(os.getloadavg()[0])
+        self._runs += 1
+        return subprocess.Popen(cmd, env=self.env(setting), cwd=self.workdir, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def finish(self, proc, cmd) -> str:
+        import subprocess
+        try:
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise DDTrainError(f"benchmark run timed out after {RUN_TIMEOUT} s: {' '.join(cmd)}") from None
+        if proc.returncode != 0:
+            tail = "\n".join((err or out).strip().splitlines()[-8:])
+            raise DDTrainError(f"benchmark run failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        return out
+
+    def run(self, cmd: list[str], setting: dict) -> str:
+        return self.finish(self.start(cmd, setting), cmd)
+
+    def mpiexec(self, n: int) -> list[str]:
+        """The launcher prefix for n ranks; DDTrainError (caught by sections) when MPI is missing."""
+        if self._mpiexec is None and self._mpi_error is None:
+            try:
+                import importlib.util
+                if importlib.util.find_spec("mpi4py") is None:
+                    raise ConfigError("mpi4py is not installed: pip install 'ddtrain[mpi]'")
+                from ddtrain.launch import find_mpiexec
+                path, flavor = find_mpiexec()
+                self._mpiexec = [path, "-n"] if flavor == "mpich" else [path, "--oversubscribe", "-np"]
+            except DDTrainError as e:
+                self._mpi_error = str(e)
+        if self._mpiexec is None:
+            raise DDTrainError(f"no MPI: {self._mpi_error}")
+        return self._mpiexec + [str(n)]
+
+    # -- what is run -------------------------------------------------------------------
+    def write_weights(self) -> None:
+        """ddtrain's initial weights for the mlp config (seed 0), for the reference loops."""
+        import numpy as np
+
+        from ddtrain.config import load_config
+        from ddtrain.engine.model import build_model
+        cfg = load_config("mlp")
+        model = build_model(cfg.model.layers, (28, 28), init=cfg.model.init, seed=cfg.train.seed)
+        np.savez(self.weights, **model.params.state_dict())
+
+    @staticmethod
+    def log_every(batch: int, samples: int) -> int:
+        """ddtrain's train.log_every in benchmark runs: its step records time the run."""
+        return min(50, max(1, samples // batch // 5))
+
+    def ddtrain_cmd(self, batch: int, run_dir: Path, samples: int, sets=()) -> list[str]:
+        log_every = self.log_every(batch, samples)
+        cmd = [self.python, "-m", "ddtrain", "train", "--config", "mlp", "--epochs", "1",
+               "--batch-size", str(batch), "--threads", "1", "--run-dir", str(run_dir), "--overwrite",
+               "--set", f"data.train_samples={samples}", "--set", f"train.log_every={log_every}"]
+        for s in sets:
+            cmd += ["--set", s]
+        if self.opts.data_dir:
+            cmd += ["--data-dir", str(self.opts.data_dir)]
+        return cmd
+
+    def run_dir(self, tag: str) -> Path:
+        return self.workdir / "runs" / f"{self._runs:04d}-{tag}"
+
+    @staticmethod
+    def ddtrain_result(run_dir: Path, batch: int) -> dict:
+        """samples/s between the first and last step records, and the summary's figures."""
+        from ddtrain.train.metrics import read_metrics
+        records = read_metrics(run_dir)
+        steps = [r for r in records if r["event"] == "step"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        a, b = steps[0], steps[-1]
+        sps = (b["step"] - a["step"]) * batch / (b["time"] - a["time"]) if b["time"] > a["time"] else None
+        return {"samples_per_second": sps, "trainer_samples_per_second": summary["samples_per_second"],
+                "last_loss": b["loss"], "check_loss": a["loss"], "check_step": a["step"],
+                "peak_rss_mb": summary["peak_rss_mb"],
+                "peak_rss_mb_per_rank": summary["peak_rss_mb_per_rank"],
+                "first_step_seconds": summary["first_step_seconds"], "comm_wait_ms": b["timing_ms"]["comm_wait"],
+                "timing_ms": b["timing_ms"]}
+
+    def ddtrain(self, setting: dict, batch: int, samples: int, ranks: int = 1, sets=()) -> dict:
+        run_dir = self.run_dir(f"ddtrain-{ranks}x{batch}")
+        cmd = self.ddtrain_cmd(batch, run_dir, samples, sets)
+        if ranks > 1:
+            cmd = self.mpiexec(ranks) + cmd
+        self.run(cmd, setting)
+        return self.ddtrain_result(run_dir, batch)
+
+    def loop_cmd(self, impl: str, batch: int, samples: int) -> list[str]:
+        script = "torch_loop.py" if impl == "torch" else "numpy_loop.py"
+        cmd = [self.python, str(SCRIPTS / script), "--batch", str(batch), "--samples", str(samples),
+               "--weights", str(self.weights), "--check-step", str(self.log_every(batch, samples))]
+        if impl in ("numpy-reuse", "numpy+mpi4py", "numpy+shm"):
+            cmd.append("--reuse")
+        if impl in ("numpy+mpi4py", "numpy+shm"):
+            cmd.append("--mpi")
+        if impl == "numpy+shm":
+            cmd.append("--shm")
+        if self.opts.data_dir:
+            cmd += ["--data-dir", str(self.opts.data_dir)]
+        return cmd
+
+    def loop(self, setting: dict, impl: str, batch: int, samples: int, ranks: int = 1) -> dict:
+        cmd = self.loop_cmd(impl, batch, samples)
+        if ranks > 1:
+            cmd = self.mpiexec(ranks) + cmd
+        out = self.run(cmd, setting)
+        result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+        result.setdefault("peak_rss_mb_per_rank", [result["peak_rss_mb"]])
+        return result
+
+    def shm_shards(self, setting: dict, batch: int, samples: int) -> dict:
+        """2 ranks of the real trainer with ddtrain.dist.shm's sharded step (benchmarks/shm_train.py)."""
+        run_dir = self.run_dir(f"shm-{batch}")
+        cmd = self.mpiexec(2) + [self.python, str(SCRIPTS / "shm_train.py"), "--batch", str(batch),
+                                 "--samples", str(samples), "--run-dir", str(run_dir)]
+        if self.opts.data_dir:
+            cmd += ["--data-dir", str(self.opts.data_dir)]
+        self.run(cmd, setting)
+        return self.ddtrain_result(run_dir, batch)
+
+    def independent_pair(self, setting: dict, batch: int, samples: int) -> dict:
+        """Two 1-rank ddtrain runs started at the same time: their summed samples/s."""
+        dirs = [self.run_dir(f"pair{i}-{batch}") for i in (0, 1)]
+        cmds = [self.ddtrain_cmd(batch, d, samples) for d in dirs]
+        procs = [self.start(c, setting) for c in cmds]
+        for p, c in zip(procs, cmds):
+            self.finish(p, c)
+        results = [self.ddtrain_result(d, batch) for d in dirs]
+        return {"samples_per_second": sum(r["samples_per_second"] for r in results),
+                "each": [r["samples_per_second"] for r in results],
+                "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in results]}
+
+
+# ------------------------------------------------------------------------------ sections
+def rotate(items: list, k: int) -> list:
+    k %= max(len(items), 1)
+    return items[k:] + items[:k]
+
+
+def section_single(r: Runner, setting: dict, impls: list[str], samples: int) -> dict:
+    o = r.opts
+    runs = {b: {i: [] for i in impls} for b in o.batches}
+    for rnd in range(o.rounds):
+        for b in o.batches:
+            for impl in rotate(impls, rnd):
+                res = r.ddtrain(setting, b, samples) if impl == "ddtrain" else r.loop(setting, impl, b, samples)
+                runs[b][impl].append(res)
+                r.echo(f"  [{setting['label']}] round {rnd + 1}/{o.rounds} batch {b} {impl}: "
+                       f"{res['samples_per_second']:,.0f} samples/s")
+    out = {}
+    for b in o.batches:
+        cell = {}
+        for impl in impls:
+            rs = runs[b][impl]
+            cell[impl] = summarize([x["samples_per_second"] for x in rs])
+            cell[impl]["peak_rss_mb"] = max(max(x["peak_rss_mb_per_rank"]) if "peak_rss_mb_per_rank" in x
+                                            else x["peak_rss_mb"] for x in rs)
+            cell[impl]["last_loss"] = rs[-1]["last_loss"]
+            cell[impl]["check_loss"] = rs[-1].get("check_loss")
+        # Ratios paired within a round (the two ran back to back), then the median over rounds.
+        for other in impls:
+            if other != "ddtrain" and "ddtrain" in impls:
+                pairs = [ratio(a["samples_per_second"], c["samples_per_second"])
+                         for a, c in zip(runs[b]["ddtrain"], runs[b][other])]
+                cell[f"ddtrain/{other}"] = summarize(pairs)
+        out[str(b)] = cell
+    return out
+
+
+def section_ranks(r: Runner, setting: dict, samples: int) -> dict:
+    o = r.opts
+    runs = {b: {v: [] for v in RANK_VARIANTS} for b in o.batches}
+    for rnd in range(o.rounds):
+        for b in o.batches:
+            for v in rotate(list(RANK_VARIANTS), rnd):
+                if v == "1 rank":
+                    res = r.ddtrain(setting, b, samples)
+                elif v == "2 ranks":
+                    res = r.ddtrain(setting, 2 * b, samples, ranks=2)
+                elif v == "2 ranks, no overlap":
+                    res = r.ddtrain(setting, 2 * b, samples, ranks=2, sets=["dist.overlap=false"])
+                elif v == "2 ranks, shm shards":
+                    res = r.shm_shards(setting, 2 * b, samples)
+                elif v == "2 independent":
+                    res = r.independent_pair(setting, b, samples)
+                else:
+                    res = r.loop(setting, v, b, samples, ranks=2)
+                runs[b][v].append(res)
+                r.echo(f"  [{setting['label']}] round {rnd + 1}/{o.rounds} per-rank batch {b} {v}: "
+                       f"{res['samples_per_second']:,.0f} samples/s")
+    out = {}
+    for b in o.batches:
+        cell = {v: summarize([x["samples_per_second"] for x in runs[b][v]]) for v in RANK_VARIANTS}
+        for v in RANK_VARIANTS:
+            cell[v]["peak_rss_mb_per_rank"] = max(max(x["peak_rss_mb_per_rank"]) for x in runs[b][v])
+        for v in ("2 ranks", "2 ranks, no overlap", "2 ranks, shm shards"):
+            cell[v]["comm_wait_ms"] = median([x["comm_wait_ms"]["max"] for x in runs[b][v]])
+        for num, den in (("2 ranks", "2 independent"), ("2 ranks, no overlap", "2 independent"),
+                         ("2 ranks, shm shards", "2 independent"), ("numpy+mpi4py", "2 independent"),
+                         ("numpy+shm", "2 independent"), ("2 ranks", "1 rank"),
+                         ("2 ranks, shm shards", "1 rank"), ("2 independent", "1 rank")):
+            cell[f"{num} / {den}"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
+                                                for a, c in zip(runs[b][num], runs[b][den])])
+        out[str(b)] = cell
+    return out
+
+
+def section_allreduce(r: Runner, setting: dict) -> dict:
+    out = r.run(r.mpiexec(2) + [r.python, str(SCRIPTS / "allreduce.py"), "--repeats",
+                                str(r.opts.allreduce_repeats)], setting)
+    res = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    med = res["median_us"]
+    res["ratios"] = {
+        "ddtrain (as trained) / bare Allreduce": ratio(med["ddtrain_overlap"], med["bare_allreduce"]),
+        "ddtrain, no overlap / bare Allreduce": ratio(med["ddtrain_blocking"], med["bare_allreduce"]),
+        "bare Allreduce / memcpy": ratio(med["bare_allreduce"], med["memcpy"]),
+        "shared-memory sum / memcpy": ratio(med.get("shm_sum"), med["memcpy"]),
+    }
+    return res
+
+
+def section_startup(r: Runner, setting: dict) -> dict:
+    script = Path(r.python).parent / "ddtrain"
+    help_cmd = [str(script), "--help"] if script.exists() else [r.python, "-m", "ddtrain", "--help"]
+    helps = []
+    for _ in range(r.opts.startup_runs):
+        t0 = time.perf_counter()
+        r.run(help_cmd, setting)
+        helps.append(time.perf_counter() - t0)
+    first = {1: [], 2: []}
+    samples = 20 * 128  # the default config: batch 128; 20 steps
+    for _ in range(r.opts.startup_runs):
+        for ranks in (1, 2):
+            try:
+                prefix = r.mpiexec(2) if ranks == 2 else []
+            except DDTrainError:
+                continue
+            run_dir = r.run_dir(f"startup-{ranks}")
+            cmd = prefix + [r.python, "-m", "ddtrain", "train", "--run-dir", str(run_dir), "--overwrite",
+                            "--epochs", "1", "--set", f"data.train_samples={samples}",
+                            "--set", "train.log_every=1"]
+            if r.opts.data_dir:
+                cmd += ["--data-dir", str(r.opts.data_dir)]
+            launched = time.time()
+            r.run(cmd, setting)
+            from ddtrain.train.metrics import read_metrics
+            step1 = next(x for x in read_metrics(run_dir) if x["event"] == "step")
+            first[ranks].append(step1["time"] - launched)
+    return {"help_seconds": summarize(helps), "help_command": " ".join(help_cmd),
+            "first_step_seconds": {f"{k} rank{'s' if k > 1 else ''}": summarize(v) for k, v in first.items() if v}}
+
+
+def section_profile(r: Runner, setting: dict) -> dict:
+    out = {}
+    for ranks, shm in ((1, False), (2, False), (2, True)):
+        for b in r.opts.batches:
+            g = b * ranks
+            steps = min(12 if r.opts.quick else 200, 60000 // g)  # FashionMNIST has 60,000 images
+            cmd = [r.python, str(SCRIPTS / "profile_step.py"), "--batch", str(g), "--samples", str(steps * g)]
+            cmd += ["--shm"] if shm else []
+            if r.opts.data_dir:
+                cmd += ["--data-dir", str(r.opts.data_dir)]
+            key = f"{ranks}x{b}" + (" shm shards" if shm else "")
+            if ranks > 1:
+                try:
+                    cmd = r.mpiexec(ranks) + cmd
+                except DDTrainError as e:
+                    out[key] = {"skipped": str(e)}
+                    continue
+            res = json.loads(next(line for line in r.run(cmd, setting).splitlines() if line.startswith("{")))
+            out[key] = res
+            r.echo(f"  [{setting['label']}] profile {key}: {res['step_ms']:.3f} ms/step")
+    return out
+
+
+# ------------------------------------------------------------------------------ goals and table
+def goals(result: dict) -> list[dict]:
+    """Issue 6's goals against the figures of the first BLAS setting measured (the one CI uses)."""
+    first = result["settings"][0]
+    single, ranks = first.get("single", {}), first.get("ranks", {})
+    fig = {}
+    for b, key in ((64, "torch_64"), (256, "torch_256")):
+        fig[key] = (single.get(str(b), {}).get("ddtrain/torch") or {}).get("median")
+    vs_numpy = [c["ddtrain/numpy"]["median"] for c in single.values() if "ddtrain/numpy" in c]
+    fig["numpy"] = min(vs_numpy) if vs_numpy else None
+    pair = [c["2 ranks / 2 independent"]["median"] for c in ranks.values()]
+    fig["pair"] = min(pair) if pair and None not in pair else None
+    pair = [c["2 ranks, shm shards / 2 independent"]["median"] for c in ranks.values()]
+    fig["pair_shm"] = min(pair) if pair and None not in pair else None
+    ar = result.get("allreduce") or {}
+    fig["allreduce"] = (ar.get("ratios") or {}).get("ddtrain (as trained) / bare Allreduce")
+    fig["shm"] = (ar.get("ratios") or {}).get("shared-memory sum / memcpy")
+    rss = [c["ddtrain"]["peak_rss_mb"] for c in single.values() if "ddtrain" in c]
+    rss += [c[v]["peak_rss_mb_per_rank"] for c in ranks.values() for v in ("1 rank", "2 ranks")]
+    fig["rss"] = max(rss) if rss else None
+    st = result.get("startup") or {}
+    fig["help"] = (st.get("help_seconds") or {}).get("median")
+    firsts = [v["median"] for v in (st.get("first_step_seconds") or {}).values()]
+    fig["first_step"] = max(firsts) if firsts else None
+    rows = []
+    for key, what, target, kind in GOALS:
+        v = fig.get(key)
+        met = None if v is None else (v >= target if kind == "min" else v <= target)
+        rows.append({"goal": key, "what": what, "target": target, "kind": kind, "figure": v, "met": met})
+    return rows
+
+
+def _f(v, fmt="{:,.0f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def _cell(s: dict | None, fmt="{:,.0f}") -> str:
+    if not s or s.get("median") is None:
+        return "-"
+    spread = s.get("spread")
+    return fmt.format(s["median"]) + (f" ±{100 * spread / 2:.0f}%" if spread is not None else "")
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    m = result["machine"]
+    loads = result["loadavg"]
+    lines.append(f"ddtrain bench: {m['cores']} x {m['cpu']}, Python {m['python']}; {result['options']['rounds']} "
+                 f"round(s), {result['samples']:,} samples per run; load average (1 min) before each run: "
+                 f"min {_f(loads['min'], '{:.2f}')}, median {_f(loads['median'], '{:.2f}')}, "
+                 f"max {_f(loads['max'], '{:.2f}')}")
+    lines.append("figures: median over rounds ±half the (max - min) spread; ratios paired within each round")
+    for s in result["settings"]:
+        lines.append("")
+        lines.append(f"== BLAS {s['label']}")
+        if "single" in s:
+            impls = [i for i in IMPLS if any(i in c for c in s["single"].values())]
+            others = [i for i in impls if i != "ddtrain"]
+            head = ["batch"] + [f"{i} samples/s" for i in impls] + [f"ddtrain/{i}" for i in others]
+            rows = []
+            for b, c in s["single"].items():
+                rows.append([b] + [_cell(c.get(i)) for i in impls]
+                            + [_cell(c.get(f"ddtrain/{i}"), "{:.2f}x") for i in others])
+            rows.append(["RSS MB"] + [_f(max(c[i]["peak_rss_mb"] for c in s["single"].values()), "{:.0f}")
+                                      for i in impls] + [""] * len(others))
+            first = next(iter(s["single"].values()))
+            rows.append(["loss"] + [_f(first[i]["check_loss"], "{:.6f}") for i in impls] + [""] * len(others))
+            lines += [f"single process, 1 BLAS thread (loss: the mean loss of step "
+                      f"{Runner.log_every(int(next(iter(s['single']))), result['samples'])}, batch "
+                      f"{next(iter(s['single']))}: the same training computes the same loss)"] + _grid(head, rows)
+        if "ranks" in s:
+            head = ["per-rank batch"] + list(RANK_VARIANTS)
+            rows = [[b] + [_cell(c[v]) for v in RANK_VARIANTS] for b, c in s["ranks"].items()]
+            lines += ["", "data parallel, samples/s (global)"] + _grid(head, rows)
+            keys = [k for k in next(iter(s["ranks"].values())) if " / " in k]
+            rows = [[k] + [_cell(c[k], "{:.3f}") for c in s["ranks"].values()] for k in keys]
+            rows += [[f"{v}: exposed comm wait, ms"] + [_f(c[v].get("comm_wait_ms"), "{:.3f}")
+                                                        for c in s["ranks"].values()]
+                     for v in ("2 ranks", "2 ranks, no overlap", "2 ranks, shm shards")]
+            lines += ["", "ratios (paired per round)"] + _grid(["per-rank batch"] + list(s["ranks"]), rows)
+        if "profile" in s:
+            head = ["ranks x batch", "step ms", "matmul", "element-wise", "optimizer", "data", "communication",
+                    "python", "temporaries KB/step"]
+            rows = []
+            for k, p in s["profile"].items():
+                if "ms" not in p:
+                    rows.append([k, p.get("skipped", "-")] + [""] * 7)
+                    continue
+                ms = p["ms"]
+                rows.append([k, f"{p['step_ms']:.3f}"] + [f"{ms[c]:.3f}" for c in
+                            ("matmul", "element-wise", "optimizer", "data", "communication", "python")]
+                            + [f"{p['temporaries_kb_per_2_steps'] / 2:.1f}"])
+            lines += ["", "profile of one steady-state step, ms"] + _grid(head, rows)
+    ar = result.get("allreduce")
+    if ar:
+        med = ar["median_us"]
+        lines += ["", f"gradient allreduce, {ar['ranks']} ranks, {ar['bytes'] / 1e6:.2f} MB, median of "
+                      f"{ar['repeats']} (slowest rank), us"]
+        lines += _grid(list(med), [[f"{v:.0f}" for v in med.values()]])
+        lines += [f"  {k}: {_f(v, '{:.2f}x')}" for k, v in ar["ratios"].items()]
+    st = result.get("startup")
+    if st:
+        lines += ["", f"startup: ddtrain --help {_cell(st['help_seconds'], '{:.3f} s')}; first training step "
+                      + ", ".join(f"{k} {_cell(v, '{:.2f} s')}" for k, v in st["first_step_seconds"].items())]
+    lines += ["", "goals (issue 6), first BLAS setting"]
+    rows = [[g["what"], ("≥ " if g["kind"] == "min" else "≤ ") + f"{g['target']:g}",
+             _f(g["figure"], "{:.3f}"), {True: "met", False: "NOT MET", None: "not measured"}[g["met"]]]
+            for g in result["goals"]]
+    lines += _grid(["goal", "target", "figure", ""], rows)
+    return "\n".join(lines)
+
+
+def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(v).rjust(w) if i else str(v).ljust(w)  # noqa: E731
+                              for i, (v, w) in enumerate(zip(r, widths)))
+    return [fmt(head)] + [fmt(r) for r in rows]
+
+
+# ------------------------------------------------------------------------------ the whole run
+def run_bench(opts: Options, echo=print) -> dict:
+    """Run the sections of `opts` and return the result (see the module docstring)."""
+    import importlib.util
+    import tempfile
+
+    if not SCRIPTS.is_dir():
+        raise DDTrainError(f"ddtrain bench runs the scripts in {SCRIPTS}, which is missing: run it from a "
+                           f"source checkout (git clone ...; pip install -e .)")
+    impls = [i for i in opts.impls if i != "torch" or importlib.util.find_spec("torch") is not None]
+    skipped = [i for i in opts.impls if i not in impls]
+    largest = max(opts.batches) * (2 if "ranks" in opts.sections else 1)
+    samples = opts.samples // largest * largest
+    if samples < 3 * largest:
+        raise ConfigError(f"--samples {opts.samples} is too few for batch {largest}: give at least {3 * largest}")
+    settings = blas_settings(os.environ, opts.blas, opts.blas_env)
+    result = {"machine": machine_info(), "options": asdict(opts), "samples": samples, "skipped_impls": skipped,
+              "settings": []}
+    with tempfile.TemporaryDirectory(prefix="ddtrain-bench-") as tmp:
+        r = Runner(opts, Path(tmp), echo)
+        r.write_weights()
+        for i, setting in enumerate(settings):
+            echo(f"BLAS {setting['label']}")
+            s = {"label": setting["label"], "vars": setting["vars"]}
+            if "single" in opts.sections:
+                s["single"] = section_single(r, setting, impls, samples)
+            if "ranks" in opts.sections:
+                s["ranks"] = _optional(lambda: section_ranks(r, setting, samples), echo)
+            if "profile" in opts.sections:
+                s["profile"] = section_profile(r, setting)
+            result["settings"].append({k: v for k, v in s.items() if v is not None})
+            if i == 0:  # neither the reduction nor the start-up uses BLAS kernels: measured once
+                if "allreduce" in opts.sections:
+                    result["allreduce"] = _optional(lambda: section_allreduce(r, setting), echo)
+                if "startup" in opts.sections:
+                    result["startup"] = section_startup(r, setting)
+        result["loadavg"] = summarize(r.loads)
+        result["loadavg"].pop("runs")
+        result["machine"]["loadavg_at_end"] = os.getloadavg()
+    result["goals"] = goals(result)
+    return result
+
+
+def _optional(fn, echo):
+    """A section that needs MPI: its result, or None with a note when MPI is missing."""
+    try:
+        return fn()
+    except DDTrainError as e:
+        if not str(e).startswith("no MPI"):
+            raise
+        echo(f"  skipped: {e}")
+        return None
+
+
+def _csv_ints(text: str, what: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ConfigError(f"--{what} must be comma-separated positive integers, not {text!r}")
+    return values
+
+
+def _csv_choice(text: str, valid: tuple, what: str) -> tuple:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in valid]
+    if bad or not values:
+        raise ConfigError(f"--{what}: unknown {', '.join(bad) or 'empty list'}; valid: {', '.join(valid)}")
+    return values
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="One round of tiny runs: checks the benchmark works (figures meaningless).")
+@click.option("--rounds", type=int, help="Rounds of alternated runs; medians over them [5; quick: 1].")
+@click.option("--samples", type=int, help="Training samples per run, one epoch [60000; quick: 2048].")
+@click.option("--batches", default="64,256", show_default=True, help="Per-process batch sizes.")
+@click.option("--impls", default=",".join(IMPLS), show_default=True,
+              help="Single-process contenders (torch is left out when it does not import).")
+@click.option("--sections", default=",".join(SECTIONS), show_default=True)
+@click.option("--blas", type=click.Choice(["both", "as-set", "unset"]), default="both", show_default=True,
+              help="BLAS settings to measure: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE as set, and/or unset.")
+@click.option("--blas-env", multiple=True, metavar="KEY=VALUE",
+              help="The 'as set' values to use instead of the environment's, e.g. OPENBLAS_CORETYPE=Haswell.")
+@click.option("--data-dir", type=click.Path(), help="FashionMNIST directory (else $DDTRAIN_DATA, cache, ...).")
+@click.option("-o", "--output", type=click.Path(), default="bench.json", show_default=True, help="JSON file to write.")
+def bench(quick, rounds, samples, batches, impls, sections, blas, blas_env, data_dir, output):
+    """Benchmark ddtrain against a hand-written numpy loop and PyTorch; data-parallel overhead; start-up."""
+    forced = {}
+    for item in blas_env:
+        key, sep, value = item.partition("=")
+        if not sep or key not in BLAS_VARS:
+            raise ConfigError(f"--blas-env {item!r}: expected KEY=VALUE with KEY one of {', '.join(BLAS_VARS)}")
+        forced[key] = value
+    opts = Options(rounds=rounds or (1 if quick else 5), samples=samples or (2048 if quick else 60000),
+                   batches=_csv_ints(batches, "batches"), impls=_csv_choice(impls, IMPLS, "impls"),
+                   sections=_csv_choice(sections, SECTIONS, "sections"), blas=blas, blas_env=forced,
+                   data_dir=str(Path(data_dir).resolve()) if data_dir else None, allreduce_repeats=10 if quick else 200, startup_runs=1 if quick else 5,
+                   quick=quick)
+    if opts.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, not {opts.rounds}")
+    result = run_bench(opts, echo=lambda m: click.echo(m, err=True))
+    Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    click.echo(format_table(result))
+    click.echo(f"\nwritten to {output}")
+
+
+def main() -> None:
+    """`python -m ddtrain.bench`: the same command, with ddtrain's one-line errors."""
+    try:
+        bench(standalone_mode=False)
+    except DDTrainError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`ddtrain bench --quick` runs end to end with tiny settings and writes valid JSON.
+
+No timing assertions: the figures of a quick run mean nothing (a few steps, one round, a
+shared machine). What is checked is that every section produced figures of the right kind,
+that the reference loops compute the same training as ddtrain (the same last-step loss
+from the same weights and data order), and that the table names every goal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+
+import pytest
+
+from ddtrain.bench import GOALS, blas_settings, summarize
+from tests.helpers import PYTHON, REPO, data_dir, mpiexec
+
+
+def run_bench(tmp_path, *args) -> tuple[dict, str]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([PYTHON, "-m", "ddtrain.bench", "--quick", "--batches", "32", "--blas", "unset",
+                           "-o", str(out), *args],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "DDTRAIN_DATA": str(data_dir())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_single_process_sections(tmp_path):
+    result, table = run_bench(tmp_path, "--impls", "ddtrain,numpy,numpy-reuse", "--sections", "single,startup")
+    (setting,) = result["settings"]  # --blas unset: one setting
+    cell = setting["single"]["32"]
+    for impl in ("ddtrain", "numpy", "numpy-reuse"):
+        assert positive(cell[impl]["median"]) and positive(cell[impl]["peak_rss_mb"])
+        assert len(cell[impl]["runs"]) == 1
+    assert positive(cell["ddtrain/numpy"]["median"])
+    # The same weights, data order and math: an early step's loss agrees (float32 rounding apart).
+    losses = [cell[i]["check_loss"] for i in ("ddtrain", "numpy", "numpy-reuse")]
+    assert max(losses) - min(losses) < 1e-4 * max(losses), losses
+    assert positive(result["startup"]["help_seconds"]["median"])
+    assert positive(result["startup"]["first_step_seconds"]["1 rank"]["median"])
+    assert [g["goal"] for g in result["goals"]] == [g[0] for g in GOALS]
+    assert "goals (issue 6)" in table and "ddtrain/numpy" in table
+
+
+@pytest.mark.mpi
+def test_quick_data_parallel_sections(tmp_path):
+    mpiexec()  # skips (or fails under CI=true) without MPI
+    result, table = run_bench(tmp_path, "--sections", "ranks,allreduce,profile")
+    (setting,) = result["settings"]
+    ranks = setting["ranks"]["32"]
+    for variant in ("1 rank", "2 ranks", "2 ranks, no overlap", "2 ranks, shm shards", "2 independent",
+                    "numpy+mpi4py", "numpy+shm"):
+        assert positive(ranks[variant]["median"]), variant
+    assert positive(ranks["2 ranks / 2 independent"]["median"])
+    ar = result["allreduce"]
+    assert ar["ranks"] == 2 and ar["bytes"] == 4 * ar["floats"]
+    assert all(positive(v) for v in ar["median_us"].values())
+    for key in ("1x32", "2x32", "2x32 shm shards"):
+        prof = setting["profile"][key]
+        assert positive(prof["step_ms"]) and positive(prof["ms"]["matmul"])
+    assert setting["profile"]["2x32"]["ms"]["communication"] > 0
+    assert "gradient allreduce" in table
+
+
+def test_blas_settings_keep_or_remove_the_openblas_variables():
+    env = {"PATH": "/bin", "OPENBLAS_CORETYPE": "Haswell"}
+    as_set, unset = blas_settings(env, "both", {})
+    assert as_set["env"]["OPENBLAS_CORETYPE"] == "Haswell" and "OPENBLAS_CORETYPE" not in unset["env"]
+    assert as_set["env"]["PATH"] == unset["env"]["PATH"] == "/bin"
+    (only,) = blas_settings({"PATH": "/bin"}, "both", {})  # nothing set: one setting, said so
+    assert "sets neither" in only["label"]
+    forced, _ = blas_settings({"PATH": "/bin"}, "both", {"OPENBLAS_CORETYPE": "Zen"})
+    assert forced["env"]["OPENBLAS_CORETYPE"] == "Zen"
+
+
+def test_summarize_reports_median_and_spread():
+    s = summarize([10.0, 12.0, 11.0])
+    assert s["median"] == 11.0 and s["spread"] == pytest.approx(2 / 11)
+    assert summarize([])["median"] is None
+
+
+def test_bench_refuses_bad_options(tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "ddtrain.bench", "--impls", "ddtrain,tensorflow"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "tensorflow" in proc.stderr and "valid:" in proc.stderr

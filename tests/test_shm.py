@@ -1,0 +1,114 @@
+"""ddtrain.dist.shm: the part arithmetic (pure), and the sharded step in a real trainer under mpiexec.
+
+The end-to-end test runs benchmarks/shm_train.py (the real Trainer with NodeShards swapped in)
+on 2 and 3 ranks and requires the same per-step losses as one process with the same global
+batch: the sharded reduction and update are the same training, only summed in another order.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ddtrain.dist.shm import ALIGN_BYTES, part_bounds
+from tests.helpers import PYTHON, REPO, ddtrain, data_dir, mpiexec, step_losses
+
+
+@given(size=st.integers(0, 100_000), parts=st.integers(1, 9), itemsize=st.sampled_from([4, 8]))
+def test_parts_cover_the_vector_once_on_cache_line_starts(size, parts, itemsize):
+    bounds = [part_bounds(size, parts, i, itemsize) for i in range(parts)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == size
+    for (a, b), (c, d) in zip(bounds, bounds[1:]):
+        assert a <= b == c <= d  # contiguous, in order, no overlap
+    for a, b in bounds:
+        assert a == size or (a * itemsize) % ALIGN_BYTES == 0
+
+
+def test_part_bounds_refuses_a_part_that_does_not_exist():
+    with pytest.raises(ValueError):
+        part_bounds(10, 2, 2)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sharded_step_trains_like_one_process(tmp_path, ranks):
+    launcher = mpiexec()
+    batch, samples = 96, 96 * 10  # 10 steps; 96 splits over 2 and 3 ranks
+    run = tmp_path / f"shm{ranks}"
+    proc = subprocess.run([launcher, "-n", str(ranks), PYTHON, str(REPO / "benchmarks" / "shm_train.py"),
+                           "--batch", str(batch), "--samples", str(samples), "--run-dir", str(run),
+                           "--data-dir", str(data_dir())],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = tmp_path / "single"
+    one = ddtrain(["train", "--config", "mlp", "--epochs", "1", "--batch-size", str(batch), "--threads", "1",
+                   "--run-dir", str(single), "--set", f"data.train_samples={samples}",
+                   "--set", "train.log_every=2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded, reference = step_losses(run), step_losses(single)
+    assert sharded.keys() == reference.keys() and len(sharded) == 5
+    for step, loss in reference.items():
+        assert sharded[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_use_buffers_moves_parameters_and_rebinds_every_layer():
+    import numpy as np
+
+    from ddtrain.engine.model import build_model
+    layers = [{"type": "flatten"}, {"type": "linear", "out": 8}, {"type": "relu"}, {"type": "linear", "out": 3}]
+    model = build_model(layers, (2, 3), seed=1)
+    x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
+    before = model.forward(x, train=True).copy()
+    block = np.full((2, model.params.size), np.nan, np.float32)  # stands in for the shared block
+    model.use_buffers(block[0], block[1])
+    assert np.shares_memory(model.params.data, block[0]) and not np.any(block[1])  # copied in; grad zeroed
+    np.testing.assert_array_equal(model.forward(x, train=True), before)
+    model.backward(np.ones((4, 3), np.float32))
+    for layer in (model.layers[1], model.layers[3]):
+        assert np.shares_memory(layer.W, block[0]) and np.shares_memory(layer.dW, block[1])
+    part = model.params.part(5, 20)
+    assert part.size == 15 and np.shares_memory(part.grad, block[1]) and part.data[0] == block[0, 5]
+    with pytest.raises(ValueError):
+        model.use_buffers(block[0, :-1], block[1])
+
+
+FLAGS_SCRIPT = """
+import sys
+import numpy as np
+from mpi4py import MPI
+sys.path.insert(0, sys.argv[1])
+from shm_train import MPINode
+from ddtrain.dist.shm import NodeShards
+from ddtrain.engine.model import build_model
+from ddtrain.engine.optim import make_optimizer
+
+node = MPINode(MPI.COMM_WORLD)
+model = build_model([{"type": "flatten"}, {"type": "linear", "out": 5}], (3, 7), seed=0)
+start = model.params.data.copy()
+shards = NodeShards(node, model)
+opt = make_optimizer("sgd", shards.params, momentum=0.0)
+r, L = node.local_rank, node.local_size
+model.params.grad[...] = r + 1.0          # rank r's gradient: r + 1 everywhere
+flags = np.array([r, 1 if r == L - 1 else 0], dtype=np.int64)
+shards.reduce(flags)
+opt.step(0.5)
+shards.publish()
+total = L * (L + 1) / 2                   # the summed gradient
+assert list(flags) == [L * (L - 1) // 2, 1], flags
+np.testing.assert_allclose(model.params.data, start - 0.5 * np.float32(total), rtol=1e-6)
+print("ok", r, shards.start, shards.stop, flush=True)
+"""
+
+
+@pytest.mark.mpi
+def test_reduce_sums_gradient_parts_and_flags_on_three_ranks(tmp_path):
+    script = tmp_path / "flags.py"
+    script.write_text(FLAGS_SCRIPT)
+    proc = subprocess.run([mpiexec(), "-n", "3", PYTHON, str(script), str(REPO / "benchmarks")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = sorted(tuple(map(int, line.split()[2:])) for line in proc.stdout.splitlines() if line.startswith("ok"))
+    assert len(parts) == 3 and parts[0][0] == 0 and parts[-1][1] == 3 * 7 * 5 + 5  # every element owned
