@@ -11,14 +11,13 @@ skipping.
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from ddtrain.data.datasets import FILES, find_files, load_fashion_mnist
-from tests.helpers import REPO, SHARED_DATA, skip_or_fail
+from tests.helpers import data_dir as find_real_data
 
 
 
@@ -27,10 +26,7 @@ from tests.helpers import REPO, SHARED_DATA, skip_or_fail
 @pytest.fixture(scope="session")
 def fmnist_dir() -> Path:
     """The directory with the real FashionMNIST IDX files: $DDTRAIN_DATA, else ../shared/data/fashion-mnist."""
-    d = Path(os.environ.get("DDTRAIN_DATA") or SHARED_DATA)
-    if len(find_files(d)) != len(FILES):
-        skip_or_fail(f"real FashionMNIST not found in {d} (set DDTRAIN_DATA)")
-    return d
+    return find_real_data()
 
 
 @pytest.fixture(scope="session")

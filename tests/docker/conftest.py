@@ -11,8 +11,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.helpers import REPO, skip_or_fail  # noqa: F401 (re-exported to the tests here)
 
 COMPOSE_FILE = REPO / "docker-compose.yml"

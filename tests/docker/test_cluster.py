@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddtrain.data.datasets import FILES, find_files
+from tests.helpers import data_dir as find_real_data
 
 from .conftest import COMPOSE_FILE, REPO, run, skip_or_fail
 
@@ -46,7 +46,6 @@ PROJECT = f"ddtrain-test-{TAG}"
 IMAGE = f"ddtrain-test:{TAG}"
 BASE_IMAGE = "ddtrain-base:bookworm"
 WHEELS = REPO / "launch" / "wheels"
-SHARED_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
 NODES = ("node1", "node2", "node3")
 
 # 10 steps of 96 images (32 per rank); small enough for seconds, long enough
@@ -138,10 +137,7 @@ def timings(request):
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    d = Path(os.environ.get("DDTRAIN_DATA") or SHARED_DATA)
-    if len(find_files(d)) != len(FILES):
-        skip_or_fail(f"real FashionMNIST not found in {d} (set DDTRAIN_DATA)")
-    return d
+    return find_real_data()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from ddtrain.data.datasets import FILES, find_files
-from tests.helpers import REPO, SHARED_DATA, skip_or_fail
+from tests.helpers import REPO, skip_or_fail
+from tests.helpers import data_dir as find_real_data
 
 # Fast runs: the tiny config, 512 samples, global batch 64 -> 8 steps an epoch, 2 epochs
 # (straggler notes off: on 2 shared cores every rank is a straggler now and then).
@@ -151,10 +152,7 @@ class DDTrain:
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """The real FashionMNIST as shipped: $DDTRAIN_DATA, else ../shared/data/fashion-mnist."""
-    d = Path(os.environ.get("DDTRAIN_DATA") or SHARED_DATA)
-    if len(find_files(d)) != len(FILES):
-        skip_or_fail(f"real FashionMNIST not found in {d} (set DDTRAIN_DATA)")
-    return d
+    return find_real_data()
 
 
 @pytest.fixture(scope="session")

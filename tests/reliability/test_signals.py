@@ -108,7 +108,7 @@ def test_second_ctrl_c_to_mpiexec_kills_the_job_at_once(mpi, tmp_path):
     t0 = time.monotonic()
     os.kill(proc.pid, signal.SIGINT)
     try:
-        rc = proc.wait(timeout=20)
+        proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         pytest.fail(f"mpiexec did not end after a second Ctrl-C:\n{log.read_text()[-3000:]}")
     # The exit status is hydra's own: after a forced abort it is usually non-zero, but MPICH

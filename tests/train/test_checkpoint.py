@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ddtrain.errors import CheckpointError
-from ddtrain.train.checkpoint import (find_resume_checkpoint, list_checkpoints, load_checkpoint,
-                                      read_latest_pointer, save_checkpoint)
+from ddtrain.train.checkpoint import (find_resume_checkpoint, load_checkpoint, read_latest_pointer,
+                                      save_checkpoint)
 
 
 def tensors(step):
