@@ -52,6 +52,14 @@ class Backend:
         """`a` on this backend's device (no copy on the CPU)."""
         return self.xp.asarray(a)
 
+    def take(self, a, indices, out) -> None:
+        """out[...] = a[indices] along axis 0, with no temporary: numpy copies through one unless
+        mode="clip" (the indices are valid by construction); CuPy has no mode argument."""
+        if self.is_gpu:
+            self.xp.take(a, indices, axis=0, out=out)
+        else:
+            np.take(a, indices, axis=0, out=out, mode="clip")
+
     def synchronize(self) -> None:
         """Wait for queued device work (for timings); a no-op on the CPU."""
         if self.is_gpu:

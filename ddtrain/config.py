@@ -85,6 +85,7 @@ class DistConfig:
     # a 2-core node: MPICH progresses a nonblocking call only inside MPI calls (ddtrain bench).
     overlap: bool = False
     deterministic: bool = False    # bitwise identical weights for any number of ranks
+    shared_memory: bool = False    # reduce and update through node shared memory (CPU, one node, not deterministic)
     micro_shards: int = 8          # fixed micro-shards per global batch (deterministic mode)
     timeout: Optional[float] = None  # seconds a collective may take (None: from step times)
     fingerprint_every: int = 200   # steps between cross-rank weight fingerprint checks (0: off)

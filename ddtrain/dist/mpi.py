@@ -21,6 +21,9 @@ Rules and failure modes (every rank relies on them):
     memory (`SharedMemorySum`, hierarchical across nodes) when every node runs the same number
     of ranks; MPI's own Allreduce otherwise (and for ``Iallreduce``). Results are bitwise the
     same on every rank either way.
+  * The node methods (``shared_array``, ``node_sync``, ``cross_Allreduce``, ``cross_Bcast``,
+    ``local_allgather_obj``) are ddtrain.dist.shm's `Node`: the shared-memory training step
+    (``dist.shared_memory``) runs over them. Shared windows are freed at close.
 
 CuPy arrays: passed to MPI directly when the library reports CUDA support
 (MPIX_Query_cuda_support, which mpi4py does not wrap, so it is looked up with ctypes);
@@ -147,6 +150,7 @@ class MPICommunicator:
         # inter-node communicator per local rank); every rank takes the same decision.
         self._cross = None
         self._shared_sums: dict[tuple[int, str], SharedMemorySum] = {}
+        self._node_windows: list[MPI.Win] = []  # shared_array's windows (NodeShards), freed at close
         if shared_memory and self.local_size > 1 and len(set(self._comm.allgather(self.local_size))) == 1:
             self._cross = self._comm.Split(self.local_rank, key=self.rank)
         self.watchdog: Watchdog | None = None
@@ -267,6 +271,64 @@ class MPICommunicator:
         time.sleep(ABORT_GRACE)
         os._exit(code)
 
+    # -------------------------------------------------------------- the node (ddtrain.dist.shm.Node)
+    # What NodeShards (the shared-memory data-parallel step, dist.shared_memory) calls. The
+    # blocking ones are recorded for the watchdog's collective deadline like the others.
+    def shared_array(self, shape: tuple, dtype) -> np.ndarray:
+        """A numpy array in memory shared by this node's ranks (an MPI-3 shared window owned by
+        local rank 0). Collective over the node; contents undefined until written."""
+        self._op, self._op_started = "shared_array", time.monotonic()
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        win = MPI.Win.Allocate_shared(nbytes if self.local_rank == 0 else 0, dtype.itemsize, comm=self._local)
+        win.Lock_all(MPI.MODE_NOCHECK)  # a passive epoch, for Win_sync in node_sync
+        self._node_windows.append(win)
+        self._op_started = 0.0
+        return np.ndarray(shape, dtype, buffer=win.Shared_query(0)[0])
+
+    def node_sync(self) -> None:
+        """Memory barrier + Barrier over the node: writes before it are seen by reads after it."""
+        self._op, self._op_started = "node_sync", time.monotonic()
+        win = self._node_windows[0] if self._node_windows else None
+        if win is not None:
+            win.Sync()
+        self._local.Barrier()
+        if win is not None:
+            win.Sync()
+        self._op_started = 0.0
+
+    def _node_cross(self):
+        """The ranks with this local rank on the other nodes; None on a single node."""
+        if self.local_size == self.size:
+            return None
+        if self._cross is None:
+            raise RuntimeError("node shared memory across nodes needs the same number of ranks on every "
+                               "node (and MPICommunicator(shared_memory=True))")
+        return self._cross
+
+    def cross_Allreduce(self, buf) -> None:
+        """Sum `buf` in place over the ranks with this local rank on every node (nothing on one)."""
+        cross = self._node_cross()
+        if cross is not None:
+            self._op, self._op_started = "cross_Allreduce", time.monotonic()
+            cross.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            self._op_started = 0.0
+
+    def cross_Bcast(self, buf, root: int = 0) -> None:
+        """Copy node `root`'s `buf` to the ranks with this local rank on the other nodes."""
+        cross = self._node_cross()
+        if cross is not None:
+            self._op, self._op_started = "cross_Bcast", time.monotonic()
+            cross.Bcast(buf, root=root)
+            self._op_started = 0.0
+
+    def local_allgather_obj(self, obj) -> list:
+        """[obj of local rank 0, ..., obj of local rank L-1] on every rank of the node."""
+        self._op, self._op_started = "local_allgather_obj", time.monotonic()
+        result = self._local.allgather(obj)
+        self._op_started = 0.0
+        return result
+
     # -------------------------------------------------------------- CuPy arrays
     def _device_direct(self) -> bool:
         if self._cuda_aware is None:
@@ -311,6 +373,10 @@ class MPICommunicator:
         for shared in self._shared_sums.values():
             shared.free()
         self._shared_sums.clear()
+        for win in self._node_windows:
+            win.Unlock_all()
+            win.Free()
+        self._node_windows.clear()
         if self._cross is not None:
             self._cross.Free()
         self._local.Free()

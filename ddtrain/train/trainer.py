@@ -13,6 +13,11 @@ Determinism: with `dist.deterministic`, each global batch is cut into fixed micr
 computed with the same shapes wherever they run and summed in int64 fixed point, so the
 weights are bitwise identical for any number of ranks.
 
+Shared memory (`dist.shared_memory`, CPU ranks on one node): the parameters live once in the
+node's shared memory and each rank's backward writes its own gradient slot there; steps 3-5
+become ddtrain.dist.shm.NodeShards: each rank sums and updates only its part of the flat vector,
+then a node sync publishes it. Same training as the allreduce path to float32 rounding.
+
 Only rank 0 writes files (metrics, checkpoints). Ranks agree at start on the config and the
 parameter layout; rank 0's initial parameters (or checkpoint) are broadcast to all.
 """
@@ -36,6 +41,7 @@ from ddtrain.data.datasets import load_dataset, normalize_batch
 from ddtrain.data.order import (epoch_permutation, global_batch_indices, micro_shards,
                                 rank_micro_shards, rank_slice, steps_per_epoch)
 from ddtrain.dist.reducer import GradientReducer
+from ddtrain.dist.shm import NodeShards
 from ddtrain.engine.losses import make_loss
 from ddtrain.engine.model import build_model
 from ddtrain.engine.optim import make_optimizer
@@ -158,17 +164,22 @@ class Trainer:
         self.model = build_model(cfg.model.layers, in_shape, backend, init=cfg.model.init, seed=cfg.train.seed)
         self.params = self.model.params
         self.loss = make_loss(cfg.model.loss, backend)
+        # Shared memory: the model's buffers move into the node's shared block (collective),
+        # and this rank's optimizer updates only its part of it; None: the allreduce path.
+        self.shards = NodeShards(comm, self.model) if self._use_shared_memory() else None
         o = cfg.optimizer
         hyper = (dict(momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay) if o.name == "sgd"
                  else dict(betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay))
-        self.optimizer = make_optimizer(o.name, self.params, **hyper)
+        mine = self.shards.params if self.shards is not None else self.params
+        self.optimizer = make_optimizer(o.name, mine, **hyper)
         s = cfg.schedule
         self.schedule = make_schedule(
             s.name, o.lr, self.total_steps, warmup_steps=round(s.warmup_epochs * self.steps_per_epoch),
             step_size=max(1, round(s.step_epochs * self.steps_per_epoch)), gamma=s.gamma, min_lr=s.min_lr)
-        self.reducer = GradientReducer(comm, self.params, bucket_mb=cfg.dist.bucket_mb,
-                                       overlap=cfg.dist.overlap,
-                                       mode="fixed_point" if cfg.dist.deterministic else "sum")
+        # No reducer with shared memory: NodeShards.reduce() in fit() sums the gradient.
+        self.reducer = None if self.shards is not None else GradientReducer(
+            comm, self.params, bucket_mb=cfg.dist.bucket_mb, overlap=cfg.dist.overlap,
+            mode="fixed_point" if cfg.dist.deterministic else "sum")
         # The whole dataset lives on the device as uint8; batches are gathered and normalised there.
         self.train_x = backend.from_host(self.data.train_x)
         self.train_y = backend.from_host(self.data.train_y.astype(np.int64))
@@ -182,6 +193,26 @@ class Trainer:
         self._tensorboard_dir = tensorboard_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.history: dict = {}
+
+    def _use_shared_memory(self) -> bool:
+        """Whether `dist.shared_memory` applies: False when off or on one process (nothing to
+        share); ConfigError naming the condition that rules it out otherwise. Every rank has the
+        same config and node count, so all raise together: one message, not one per rank."""
+        cfg, comm = self.cfg, self.comm
+        if not cfg.dist.shared_memory or comm.size == 1:
+            return False
+        if self.backend.is_gpu:
+            raise everywhere(ConfigError("dist.shared_memory needs --device cpu: GPU memory is not the node's "
+                                         "shared memory; drop --set dist.shared_memory=true"))
+        if cfg.dist.deterministic:
+            raise everywhere(ConfigError("dist.shared_memory and dist.deterministic exclude each other (the "
+                                         "shared-memory sum is not bitwise reproducible across rank counts): "
+                                         "choose one"))
+        if comm.local_size != comm.size:
+            raise everywhere(ConfigError(f"dist.shared_memory needs every rank on one node, but only "
+                                         f"{comm.local_size} of {comm.size} ranks share this one "
+                                         f"({comm.hostname}): drop --set dist.shared_memory=true"))
+        return True
 
     @property
     def metrics(self) -> MetricsLog:
@@ -207,7 +238,14 @@ class Trainer:
             if layout != everyone[0][1]:
                 raise everywhere(ConfigError(f"rank {r} (host {host}) built a different parameter layout "
                                              f"than rank 0"))
-        self.comm.Bcast(self.params.data, root=0)
+        self._bcast_params()
+
+    def _bcast_params(self) -> None:
+        """Rank 0's parameters on every rank (with shared memory, node 0's shared copy)."""
+        if self.shards is not None:
+            self.shards.bcast_params()
+        else:
+            self.comm.Bcast(self.params.data, root=0)
 
     # ---------------------------------------------------------------- resume
     def resume(self, how: str) -> None:
@@ -225,7 +263,7 @@ class Trainer:
         state = self.comm.bcast_obj(ckpt.state if self.is_root else None, root=0)
         if self.is_root:
             self.params.load_state_dict(ckpt.model)
-        self.comm.Bcast(self.params.data, root=0)
+        self._bcast_params()
         names = self.comm.bcast_obj(
             {k: (v.shape, v.dtype.str) for k, v in ckpt.optimizer.items()} if self.is_root else None, root=0)
         opt_state = {}
@@ -233,6 +271,10 @@ class Trainer:
             buf = ckpt.optimizer[name].copy() if self.is_root else np.empty(shape, dtype=np.dtype(dtype))
             self.comm.Bcast(buf, root=0)
             opt_state[name] = buf
+        # A checkpoint holds the whole optimizer state; with shared memory this rank's optimizer
+        # owns only its part.
+        if self.shards is not None:
+            opt_state = self.shards.state_part(opt_state)
         self.optimizer.load_state_dict(opt_state)
         c = state["cursor"]
         self.cursor = Cursor(c["epoch"], c["step_in_epoch"], c["step"])
@@ -292,6 +334,9 @@ class Trainer:
             # Every rank holds the same weights, so every rank stops here.
             raise everywhere(DDTrainError(f"non-finite weights after step {c.step} (epoch {c.epoch + 1}); "
                                           f"stopped without writing a checkpoint. Lower optimizer.lr"))
+        # With shared memory each rank's optimizer holds its part of the state: every rank joins
+        # in gathering the whole (collective), rank 0 writes it.
+        full_opt = self.shards.full_state(self.optimizer.state_dict()) if self.shards is not None else None
         if not self.is_root:
             self._reduced_epoch_sums()
             return None
@@ -316,7 +361,8 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
             points[0] += 1
 
-        path = save_checkpoint(self.ckpt_dir, c.step, self.params.state_dict(), self.optimizer.state_dict(),
+        opt_state = full_opt if full_opt is not None else self.optimizer.state_dict()
+        path = save_checkpoint(self.ckpt_dir, c.step, self.params.state_dict(), opt_state,
                                state, keep=self.cfg.train.keep_checkpoints, on_point=on_point)
         return path
 
@@ -333,8 +379,8 @@ class Trainer:
             self._batch_buffers[n] = bufs
         raw, x, y = bufs
         idx = self.backend.from_host(indices)
-        xp.take(self.train_x, idx, axis=0, out=raw)
-        xp.take(self.train_y, idx, axis=0, out=y)
+        self.backend.take(self.train_x, idx, out=raw)
+        self.backend.take(self.train_y, idx, out=y)
         normalize_batch(raw, self.cfg.data.normalize, out=x, mean=self.data.mean, std=self.data.std)
         return x, y
 
@@ -350,7 +396,7 @@ class Trainer:
 
     def train_step(self, perm, timer: StepTimer):
         """One global step; returns this rank's (loss_sum, correct, n_samples) of its slice."""
-        cfg, xp = self.cfg, self.xp
+        cfg = self.cfg
         c = self.cursor
         t0 = time.perf_counter()
         batch = global_batch_indices(perm, c.step_in_epoch, cfg.train.batch_size, self.n_train,
@@ -363,9 +409,12 @@ class Trainer:
         self.model.set_batch_context(cfg.train.seed, c.step, start, B)
         x, y = self._batch(batch[start:stop])
         t1 = time.perf_counter()
-        loss_sum, correct, t2 = self._forward_backward(x, y, 1.0 / B, self.reducer.grads_ready)
+        reducer = self.reducer  # None with shared memory: fit() reduces, after its non-finite check
+        on_grads_ready = reducer.grads_ready if reducer is not None else None
+        loss_sum, correct, t2 = self._forward_backward(x, y, 1.0 / B, on_grads_ready)
         t3 = time.perf_counter()
-        self.reducer.finish()
+        if reducer is not None:
+            reducer.finish()
         t4 = time.perf_counter()
         timer.add("data", t1 - t0)
         timer.add("forward", t2 - t1)
@@ -468,6 +517,8 @@ class Trainer:
                     loss_sum, correct, n = self.train_step(perm, timer)
                     self._chaos(step)
                     # Gradients are synchronised: every rank holds the same params.grad here.
+                    # (Shared memory: not yet; params.grad is this rank's own slot, and the sum
+                    # is non-finite iff some rank's share is, so each rank checks its own.)
                     flags[0] = signals.requested
                     flags[1] = 0
                     # dot(g, g) is non-finite iff some |g| is (or is ~1e19: a blow-up too), and
@@ -475,7 +526,9 @@ class Trainer:
                     g = self.params.grad
                     if not math.isfinite(float(xp.dot(g, g))):
                         flags[1] = 1
-                    if comm.size > 1:
+                    if self.shards is not None:  # sums my part of the gradient, and the flags on the way
+                        timer.add("comm_wait", self.shards.reduce(flags))
+                    elif comm.size > 1:
                         comm.Allreduce(flags)
                     if flags[1]:
                         if cfg.train.nonfinite == "stop":
@@ -488,6 +541,10 @@ class Trainer:
                         t5 = time.perf_counter()
                         self.optimizer.step(self.schedule.lr(step))
                         timer.add("optimizer", time.perf_counter() - t5)
+                    if self.shards is not None:  # all parts updated (or skipped) before anyone reads
+                        t6 = time.perf_counter()
+                        self.shards.publish()
+                        timer.add("comm_wait", time.perf_counter() - t6)
                     timer.steps += 1
                     self.epoch_sums[0] += loss_sum
                     self.epoch_sums[1] += correct
