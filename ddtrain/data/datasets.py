@@ -68,6 +68,10 @@ _OFFLINE_WAYS = (
 HOW_TO_GET = f"get it one of three ways: {_OFFLINE_WAYS}; or `ddtrain data download`"
 
 
+class DataNotFound(DataError):
+    """No directory in the search order holds the dataset (as opposed to one that is broken)."""
+
+
 @dataclass(frozen=True)
 class IdxFile:
     """One file of the dataset: its key in `Dataset`, its IDX name, its known-good hash."""
@@ -212,7 +216,7 @@ def locate(data_dir: str | os.PathLike | None = None) -> Path:
             what = "does not exist" if not c.path.is_dir() else f"lacks {', '.join(c.missing)} (.gz or raw)"
             raise DataError(f"{c.how} {c.path}: {what}; {HOW_TO_GET}")
     searched = ", ".join(str(c.path) for c in candidates)
-    raise DataError(f"FashionMNIST not found (searched {searched}); {HOW_TO_GET}")
+    raise DataNotFound(f"FashionMNIST not found (searched {searched}); {HOW_TO_GET}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -258,18 +262,28 @@ def load_fashion_mnist(directory: str | os.PathLike, verify: bool = True) -> Dat
 
 
 def load_dataset(
-    name: str = NAME, data_dir: str | os.PathLike | None = None, train_samples: int | None = None
+    name: str = NAME, data_dir: str | os.PathLike | None = None, train_samples: int | None = None,
+    download_missing: Callable[[str], None] | None = None,
 ) -> Dataset:
     """The dataset `name`: "fashion-mnist" (found as `locate` says) or "torchvision:NAME".
 
     data_dir: for torchvision:NAME, torchvision's root (default: the user cache's
     ``torchvision/``; see ddtrain.data.torchvision_data).
     train_samples: keep only the first N training samples (views, no copy); None keeps all.
+    download_missing: when FashionMNIST is found nowhere, download it into the user cache,
+    reporting progress through this function (as torchvision's download=True); None: raise.
     Raises ConfigError for an unknown name or a bad train_samples, DataError for
     missing or bad data.
     """
     if name == NAME:
-        ds = load_fashion_mnist(locate(data_dir))
+        try:
+            directory = locate(data_dir)
+        except DataNotFound:
+            if download_missing is None:
+                raise
+            download_missing(f"FashionMNIST not found locally: downloading it into {cache_dir()}")
+            directory = download(log=download_missing)
+        ds = load_fashion_mnist(directory)
     elif name.startswith("torchvision:") and len(name) > len("torchvision:"):
         from ddtrain.data.torchvision_data import load_torchvision
 

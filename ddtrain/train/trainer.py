@@ -145,7 +145,10 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.is_root = comm.rank == 0
         self.progress = progress and self.is_root
-        self.data = load_dataset(cfg.data.dataset, data_dir, train_samples=cfg.data.train_samples)
+        # A one-process run fetches missing data itself (the quick start on a fresh machine);
+        # N ranks must not all download at once: they get the error saying how to get it.
+        self.data = load_dataset(cfg.data.dataset, data_dir, train_samples=cfg.data.train_samples,
+                                 download_missing=log if comm.size == 1 else None)
         self.n_train = len(self.data.train_y)
         B = cfg.train.batch_size
         if B > self.n_train:

@@ -331,3 +331,26 @@ def test_normalize_on_the_gpu_matches_the_cpu():
         out = normalize_batch(be.from_host(x), mode, out=buf)
         assert out is buf
         np.testing.assert_array_equal(be.to_host(out).reshape(x.shape), normalize_batch(x, mode))
+
+
+def test_missing_data_is_downloaded_when_asked(places, fmnist_dir, monkeypatch):
+    """A one-process `ddtrain train` fetches FashionMNIST into the cache when it is nowhere
+    (here `download` copies the real files in place of the mirrors, which are offline)."""
+    cache, _ = places
+    calls, messages = [], []
+
+    def fake_download(dest=None, log=None, **kw):
+        calls.append(dest)
+        cache.mkdir(parents=True)
+        for f in fmnist_dir.iterdir():
+            if "ubyte" in f.name:
+                shutil.copy(f, cache / f.name)
+        return cache
+
+    monkeypatch.setattr(datasets, "download", fake_download)
+    with pytest.raises(DataError, match="not found"):
+        load_dataset()  # without download_missing: the error, no download
+    assert calls == []
+    ds = load_dataset(download_missing=messages.append)
+    assert calls == [None] and len(ds.train_y) == 60000 and Path(ds.source) == cache
+    assert messages and "downloading it into" in messages[0]
