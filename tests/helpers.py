@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,18 @@ def ddtrain(args: list[str], ranks: int = 1, timeout: float = 300, env: dict | N
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
     full_env = {**os.environ, "DDTRAIN_DATA": str(data_dir()), **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
+
+
+def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> tuple[int | None, str, str]:
+    """(returncode, stdout, stderr) of `proc`, started with start_new_session=True; past `timeout`
+    its whole session (mpiexec and every rank) is SIGKILLed and the returncode is None."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

@@ -191,7 +191,7 @@ class Trainer:
         self._batch_buffers: dict[int, tuple] = {}
         self.cursor = Cursor()
         self.epoch_timer = StepTimer()
-        self.epoch_sums = [self.xp.zeros((), dtype=self.xp.float64), self.xp.zeros((), dtype=self.xp.int64), 0]
+        self._start_epoch_sums()
         self._metrics: MetricsLog | None = None
         self._tensorboard_dir = tensorboard_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -281,10 +281,9 @@ class Trainer:
         self.optimizer.load_state_dict(opt_state)
         c = state["cursor"]
         self.cursor = Cursor(c["epoch"], c["step_in_epoch"], c["step"])
+        # The partial epoch's sums over all ranks: rank 0 carries them, only their total matters.
         loss_sum, correct, n = state["epoch_sums"] if self.is_root else (0.0, 0, 0)
-        xp = self.xp
-        self.epoch_sums = [xp.asarray(loss_sum, dtype=xp.float64), xp.asarray(int(correct), dtype=xp.int64),
-                           int(n)]
+        self._start_epoch_sums(loss_sum, int(correct), int(n))
         self.history = state.get("history", {})
         where = ckpt.path if self.is_root else state.get("name")
         self.log(f"resumed from {where}: step {self.cursor.step}, epoch {self.cursor.epoch + 1} "
@@ -323,6 +322,11 @@ class Trainer:
                                   f"past this run's {self.total_steps} steps: raise --epochs to continue")
 
     # ---------------------------------------------------------------- checkpoints
+    def _start_epoch_sums(self, loss_sum: float = 0.0, correct: int = 0, n: int = 0) -> None:
+        """This rank's training loss sum and correct count (on the device) and samples, this epoch."""
+        xp = self.xp
+        self.epoch_sums = [xp.asarray(loss_sum, dtype=xp.float64), xp.asarray(correct, dtype=xp.int64), n]
+
     def _reduced_epoch_sums(self) -> list[float]:
         """This epoch's training loss sum, correct count and samples so far, over all ranks."""
         sums = np.array([float(v) for v in self.epoch_sums], dtype=np.float64)
@@ -509,7 +513,7 @@ class Trainer:
                 c = self.cursor
                 perm = epoch_permutation(cfg.train.seed, c.epoch, self.n_train)
                 if c.step_in_epoch == 0:
-                    self.epoch_sums = [xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.int64), 0]
+                    self._start_epoch_sums()
                 epoch_start = time.perf_counter()
                 interval_start, interval_samples = time.perf_counter(), 0
                 bar = self._progress_bar(c)
@@ -666,8 +670,7 @@ class Trainer:
                  (f"; straggler: {straggler}" if straggler else ""))
         self.cursor.epoch += 1
         self.cursor.step_in_epoch = 0
-        xp = self.xp
-        self.epoch_sums = [xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.int64), 0]
+        self._start_epoch_sums()
         self.save()
 
     def check_fingerprints(self) -> None:

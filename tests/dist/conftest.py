@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.helpers import REPO, skip_or_fail
+from tests.helpers import REPO, communicate_or_kill, skip_or_fail
 
 SCRIPTS = REPO / "tests" / "mpi"
 
@@ -76,13 +76,7 @@ def mpirun():
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            rc = None
+        rc, out, _ = communicate_or_kill(proc, timeout)
         result = MPIRun(rc, out, time.monotonic() - t0,
                         {int(r): int(p) for r, p in re.findall(r"pid (\d+) (\d+);", out)})
         started.append((script, result))

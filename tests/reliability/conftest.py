@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from ddtrain.data.datasets import FILES, find_files
-from tests.helpers import REPO, skip_or_fail
+from tests.helpers import REPO, communicate_or_kill, skip_or_fail
 from tests.helpers import data_dir as find_real_data
 
 # Fast runs: the tiny config, 512 samples, global batch 64 -> 8 steps an epoch, 2 epochs
@@ -110,13 +110,7 @@ class DDTrain:
 
     def wait(self, proc: subprocess.Popen, timeout: float = 90, started: float | None = None) -> Run:
         t0 = started if started is not None else time.monotonic()
-        try:
-            out, err = proc.communicate(timeout=timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            rc = None
+        rc, out, err = communicate_or_kill(proc, timeout)
         return Run(rc, out, err, time.monotonic() - t0)
 
     def run(self, *args, n: int | None = None, timeout: float = 90) -> Run:
