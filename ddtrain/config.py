@@ -18,7 +18,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -85,7 +85,10 @@ class DistConfig:
     # a 2-core node: MPICH progresses a nonblocking call only inside MPI calls (ddtrain bench).
     overlap: bool = False
     deterministic: bool = False    # bitwise identical weights for any number of ranks
-    shared_memory: bool = False    # reduce and update through node shared memory (CPU, one node, not deterministic)
+    # Reduce and update through the node's shared memory instead of an allreduce (CPU ranks, all on
+    # one node, not deterministic). auto: wherever it applies, the allreduce elsewhere; true:
+    # refuse to start where it cannot apply; false: always the allreduce.
+    shared_memory: Union[bool, Literal["auto"]] = "auto"
     micro_shards: int = 8          # fixed micro-shards per global batch (deterministic mode)
     timeout: Optional[float] = None  # seconds a collective may take (None: from step times)
     fingerprint_every: int = 200   # steps between cross-rank weight fingerprint checks (0: off)
@@ -171,10 +174,17 @@ def _did_you_mean(word: str, options) -> str:
 def _check_value(where: str, value: Any, annotation: Any) -> Any:
     """`value` converted to the annotated type, or a ConfigError naming `where`."""
     hint = typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        annotation = [a for a in hint if a is not type(None)][0]
+    if typing.get_origin(annotation) is typing.Union:  # Optional[X], or X | Literal["word", ...]
+        words = [w for a in hint if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if value is None and type(None) in hint or value in words and isinstance(value, str):
+            return value
+        others = [a for a in hint if a is not type(None) and typing.get_origin(a) is not Literal]
+        if words:
+            if isinstance(value, others[0]):
+                return value
+            raise ConfigError(f"{where}: expected {others[0].__name__} or {' or '.join(map(repr, words))}, "
+                              f"got {type(value).__name__} {value!r}")
+        annotation = others[0]
     kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(
         annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""), annotation)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

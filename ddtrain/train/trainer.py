@@ -13,10 +13,13 @@ Determinism: with `dist.deterministic`, each global batch is cut into fixed micr
 computed with the same shapes wherever they run and summed in int64 fixed point, so the
 weights are bitwise identical for any number of ranks.
 
-Shared memory (`dist.shared_memory`, CPU ranks on one node): the parameters live once in the
-node's shared memory and each rank's backward writes its own gradient slot there; steps 3-5
-become ddtrain.dist.shm.NodeShards: each rank sums and updates only its part of the flat vector,
-then a node sync publishes it. Same training as the allreduce path to float32 rounding.
+Shared memory (`dist.shared_memory`, by default wherever it applies: CPU, several ranks on each
+node and as many on every node, not deterministic): the parameters live once in each node's
+shared memory and each rank's backward writes its own gradient slot there; steps 3-5 become
+ddtrain.dist.shm.NodeShards: each rank sums its part of the flat vector over the node's slots
+(and allreduces that part with its peers on the other nodes), updates it, then a node sync
+publishes it. Same training as the allreduce path to float32 rounding; `gradient_sync` says
+which path a job took.
 
 Only rank 0 writes files (metrics, checkpoints). Ranks agree at start on the config and the
 parameter layout; rank 0's initial parameters (or checkpoint) are broadcast to all.
@@ -198,24 +201,49 @@ class Trainer:
         self.history: dict = {}
 
     def _use_shared_memory(self) -> bool:
-        """Whether `dist.shared_memory` applies: False when off or on one process (nothing to
-        share); ConfigError naming the condition that rules it out otherwise. Every rank has the
-        same config and node count, so all raise together: one message, not one per rank."""
+        """Whether the shared-memory step runs (`dist.shared_memory`): with "auto" wherever it
+        applies, silently the allreduce elsewhere; with true a ConfigError naming what rules it
+        out. Every rank has the same config and node count, so all decide (or raise) alike."""
         cfg, comm = self.cfg, self.comm
-        if not cfg.dist.shared_memory or comm.size == 1:
+        wanted = cfg.dist.shared_memory
+        if wanted is False or comm.size == 1:  # one process: nothing to share
             return False
         if self.backend.is_gpu:
-            raise everywhere(ConfigError("dist.shared_memory needs --device cpu: GPU memory is not the node's "
-                                         "shared memory; drop --set dist.shared_memory=true"))
-        if cfg.dist.deterministic:
-            raise everywhere(ConfigError("dist.shared_memory and dist.deterministic exclude each other (the "
-                                         "shared-memory sum is not bitwise reproducible across rank counts): "
-                                         "choose one"))
-        if comm.local_size != comm.size:
-            raise everywhere(ConfigError(f"dist.shared_memory needs every rank on one node, but only "
-                                         f"{comm.local_size} of {comm.size} ranks share this one "
-                                         f"({comm.hostname}): drop --set dist.shared_memory=true"))
-        return True
+            reason = "needs --device cpu: GPU memory is not the node's shared memory"
+        elif cfg.dist.deterministic:
+            reason = ("and dist.deterministic exclude each other (the shared-memory sum is not bitwise "
+                      "reproducible across rank counts): choose one")
+        elif len(set(local_sizes := comm.allgather_obj(comm.local_size))) > 1:  # every rank gets here
+            reason = f"needs as many ranks on every node, not {'/'.join(map(str, sorted(set(local_sizes))))}"
+        elif comm.local_size == 1:
+            reason = "needs several ranks on a node, but every node runs one"
+        else:  # one node, or several with L ranks each: their parts are allreduced between nodes
+            return True
+        if wanted is True:
+            raise everywhere(ConfigError(f"dist.shared_memory {reason}; or leave it at auto (the "
+                                         f"allreduce where shared memory cannot apply)"))
+        return False
+
+    @property
+    def _fingerprints_can_differ(self) -> bool:
+        """Whether ranks hold weights of their own (one node in shared memory holds one copy)."""
+        one_copy = self.shards is not None and self.comm.local_size == self.comm.size
+        return bool(self.cfg.dist.fingerprint_every) and self.comm.size > 1 and not one_copy
+
+    @property
+    def gradient_sync(self) -> str:
+        """How this job combines gradients: what the start record and the log say."""
+        if self.comm.size == 1:
+            return "none (one process)"
+        if self.shards is not None:
+            L = self.comm.local_size
+            if L == self.comm.size:
+                return f"node shared memory ({L} ranks on one node)"
+            return (f"node shared memory ({L} ranks per node), each part allreduced across "
+                    f"{self.comm.size // L} nodes")
+        if self.cfg.dist.deterministic:
+            return "MPI allreduce, int64 fixed point (deterministic)"
+        return "MPI allreduce, " + ("bucketed, overlapped with backward" if self.cfg.dist.overlap else "blocking")
 
     @property
     def metrics(self) -> MetricsLog:
@@ -234,6 +262,7 @@ class Trainer:
         if self.comm.size > 1:  # the pids too: hydra names a dead process by its pid only
             self.log("ranks: " + " ".join(f"{r}@{h}" for r, h in enumerate(self.hosts))
                      + " (pids " + " ".join(str(pid) for *_, pid in everyone) + ")")
+            self.log(f"gradient sync: {self.gradient_sync}")
         for r, (digest, layout, host, pid) in enumerate(everyone):
             if digest != everyone[0][0]:
                 raise everywhere(ConfigError(f"rank {r} (host {host}) has a different config than rank 0: "
@@ -506,7 +535,8 @@ class Trainer:
             self.metrics.write({"event": "start", "step": 0, "world_size": comm.size,
                                 "config": cfg.to_dict(), "device": self.backend.device,
                                 "hosts": getattr(self, "hosts", [self.comm.hostname]),
-                                "steps_per_epoch": spe, "total_steps": self.total_steps})
+                                "steps_per_epoch": spe, "total_steps": self.total_steps,
+                                "gradient_sync": self.gradient_sync})
         flags = np.zeros(2, dtype=np.int64)
         with StopSignals() as signals:
             while self.cursor.epoch < cfg.train.epochs:
@@ -572,7 +602,7 @@ class Trainer:
                         self._log_step(step, loss_sum, batch_len, timer, interval_samples,
                                        now - interval_start, bar)
                         interval_start, interval_samples = time.perf_counter(), 0
-                    if cfg.dist.fingerprint_every and comm.size > 1 and self.cursor.step % cfg.dist.fingerprint_every == 0:
+                    if self._fingerprints_can_differ and self.cursor.step % cfg.dist.fingerprint_every == 0:
                         self.check_fingerprints()
                     if flags[0]:
                         break
@@ -599,7 +629,7 @@ class Trainer:
             "test_accuracy": test_acc, "test_loss": test_loss, "epochs": cfg.train.epochs,
             "steps": self.cursor.step, "world_size": comm.size, "samples_per_second": sps,
             "wall_seconds": wall, "first_step_seconds": first_step_at, "peak_rss_mb": max(rss),
-            "peak_rss_mb_per_rank": rss, "device": self.backend.device,
+            "peak_rss_mb_per_rank": rss, "device": self.backend.device, "gradient_sync": self.gradient_sync,
             "param_sha256": self.params.fingerprint(),
             "param_sha256_per_rank": comm.allgather_obj(self.params.fingerprint()),
             "history": self.history,

@@ -92,9 +92,12 @@ def test_exception_on_one_rank_aborts_the_job(mpi, tmp_path):
 
 def test_diverged_rank_is_named_by_the_fingerprint_check(mpi, tmp_path):
     """Rank 0's weights drift at step 5; the check every 4 steps names it at step 8 (the
-    majority decides, so the odd one out is named even when it is rank 0)."""
+    majority decides, so the odd one out is named even when it is rank 0). Ranks on one node
+    share one parameter copy by default, so this runs the allreduce path, where each rank
+    holds its own (as ranks on different nodes do)."""
     run = tmp_path / "run"
-    r = mpi.train(run, "--chaos", "diverge:0:5", "--set", "dist.fingerprint_every=4", n=3)
+    r = mpi.train(run, "--chaos", "diverge:0:5", "--set", "dist.fingerprint_every=4",
+                  "--set", "dist.shared_memory=false", n=3)
     assert_ended_cleanly(r, mpi.marker)
     assert "weights diverged at step 8: rank(s) 0 differ from the other 2 ranks; stopping" in r.err, r
     assert not (run / "checkpoints").exists() or list_checkpoints(run / "checkpoints") == []  # none after it
@@ -103,5 +106,5 @@ def test_diverged_rank_is_named_by_the_fingerprint_check(mpi, tmp_path):
 def test_no_divergence_no_false_alarm(mpi, tmp_path):
     """The same check every step of a healthy 3-rank run never fires."""
     run = tmp_path / "run"
-    mpi.ok(run, "--set", "dist.fingerprint_every=1", n=3)
+    mpi.ok(run, "--set", "dist.fingerprint_every=1", "--set", "dist.shared_memory=false", n=3)
     assert len(set(summary(run)["param_sha256_per_rank"])) == 1

@@ -52,6 +52,8 @@ def test_int_accepted_for_float_and_digest_is_stable():
     ("- 1\n- 2\n", "expected a mapping of sections"),
     ("train: {epochs: 1\n", "malformed YAML at line 2"),
     ("model: {layers: []}\n", "model.layers must be a non-empty list"),
+    ("dist: {shared_memory: maybe}\n", "dist.shared_memory: expected bool or 'auto', got str 'maybe'"),
+    ("dist: {shared_memory: 1}\n", "dist.shared_memory: expected bool or 'auto', got int 1"),
 ])
 def test_bad_config_files_give_one_line_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:
@@ -64,6 +66,12 @@ def test_bad_config_files_give_one_line_errors(tmp_path, text, message):
 def test_unknown_config_name_lists_bundled():
     with pytest.raises(ConfigError, match="one of mlp, quickstart, tanh, tiny.*did you mean 'mlp'"):
         config_path("mpl")
+
+
+def test_shared_memory_takes_auto_true_or_false():
+    assert load_config("mlp").dist.shared_memory == "auto"  # the default: wherever it applies
+    for text, value in (("auto", "auto"), ("true", True), ("false", False)):
+        assert load_config("mlp", sets=[f"dist.shared_memory={text}"]).dist.shared_memory == value
 
 
 def test_bad_set_syntax():

@@ -2,7 +2,9 @@
 
 1, 2 and 3 ranks on one config must give the same per-step losses (relative 1e-5 in float32),
 the same final test accuracy, and bitwise identical parameters on all ranks of a job. With
---deterministic the weights are bitwise identical across rank counts too.
+--deterministic the weights are bitwise identical across rank counts too. These runs take the
+MPI allreduce path (dist.shared_memory=false: the path between nodes); the shared-memory step,
+the default on one node, has the same tests in test_shared_memory.py.
 """
 
 import pytest
@@ -12,7 +14,7 @@ from tests.helpers import ddtrain, step_losses, summary
 # 1021 samples, global batch 60: 18 steps, the last one a single sample, so 2 of 3 ranks get
 # an empty slice; 60 over 2 and 3 ranks splits evenly, 1 does not.
 COMMON = ["--config", "tiny", "--epochs", "2", "--train-samples", "1021", "--batch-size", "60",
-          "--set", "train.log_every=1", "--threads", "1"]
+          "--set", "train.log_every=1", "--threads", "1", "--set", "dist.shared_memory=false"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_per_step_losses_match_one_process(runs, n):
 @pytest.mark.parametrize("n", [2, 3])
 def test_same_test_accuracy_and_identical_weights_on_every_rank(runs, n):
     s1, sn = summary(runs[1]), summary(runs[n])
-    assert sn["world_size"] == n
+    assert sn["world_size"] == n and sn["gradient_sync"] == "MPI allreduce, blocking"
     assert sn["test_accuracy"] == pytest.approx(s1["test_accuracy"], abs=1e-4)
     assert len(set(sn["param_sha256_per_rank"])) == 1, sn["param_sha256_per_rank"]
 

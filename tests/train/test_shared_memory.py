@@ -42,11 +42,13 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shm_runs(tmp_path_factory):
+    """2 ranks with the default (auto: shared memory on one node), 3 ranks asking for it."""
     out = {}
-    for n in (2, 3):
+    for n, options in ((2, []), (3, SHM)):
         d = tmp_path_factory.mktemp(f"shm{n}")
-        p = ddtrain(["train", *COMMON, *SHM, "--run-dir", str(d)], ranks=n)
+        p = ddtrain(["train", *COMMON, *options, "--run-dir", str(d)], ranks=n)
         assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stdout.count(f"gradient sync: node shared memory ({n} ranks on one node)") == 1, p.stdout
         out[n] = d
     return out
 
@@ -66,7 +68,7 @@ def test_per_step_losses_match_one_process(reference, shm_runs, n):
 @pytest.mark.parametrize("n", [2, 3])
 def test_same_test_accuracy_and_identical_weights_on_every_rank(reference, shm_runs, n):
     s1, sn = summary(reference), summary(shm_runs[n])
-    assert sn["world_size"] == n
+    assert sn["world_size"] == n and sn["gradient_sync"].startswith("node shared memory")
     assert sn["test_accuracy"] == pytest.approx(s1["test_accuracy"], abs=1e-4)
     assert len(set(sn["param_sha256_per_rank"])) == 1, sn["param_sha256_per_rank"]
 
@@ -113,6 +115,14 @@ def test_nan_gradient_on_one_rank_stops_every_rank(tmp_path):
     assert "rank 0:" not in p.stderr and "rank 1: error" not in p.stderr, p.stderr
     assert max(step_losses(run)) == 4
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").glob("step-*"))
+
+
+def test_default_falls_back_to_the_allreduce_where_shared_memory_cannot_apply(tmp_path):
+    run = tmp_path / "run"
+    p = ddtrain(["train", *COMMON, "--epochs", "1", "--deterministic", "--run-dir", str(run)], ranks=2)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "gradient sync: MPI allreduce, int64 fixed point (deterministic)" in p.stdout, p.stdout
+    assert summary(run)["gradient_sync"] == "MPI allreduce, int64 fixed point (deterministic)"
 
 
 def test_refused_with_deterministic_mode(tmp_path):
