@@ -8,6 +8,9 @@ then run `docker-compose up` as a user would:
 * a short training run across node1..node3 gives, step by step, the losses of
   a single-process run of the same config on the host (relative 1e-5): data
   parallelism over real containers and real TCP changes nothing but speed;
+* 2 ranks on each of node1 and node2 take the hierarchical path (one parameter
+  copy per node in shared memory, parts allreduced between the nodes), with
+  the same losses and identical weights on all 4 ranks;
 * killing node3's container mid-run ends the job with an error within 30 s
   (no rank left waiting in an allreduce), and the newest checkpoint on the
   shared run volume still loads (`ddtrain evaluate`).
@@ -232,6 +235,8 @@ def test_three_node_training_matches_single_process(cluster, data_dir, tmp_path,
     metrics = cluster.one_off("cat", "/runs/same/metrics.jsonl").stdout
     start = json.loads(metrics.splitlines()[0])
     assert start["event"] == "start" and start["world_size"] == 3, start
+    # one rank per node: nothing to share in a node, so the default is the plain allreduce
+    assert start["gradient_sync"] == "MPI allreduce, blocking", start
     # each rank on a different host, as the trainer logs it at start-up
     assert start["hosts"] == list(NODES), start["hosts"]
     placement = re.search(r"ranks: 0@node1 1@node2 2@node3", log)
@@ -240,6 +245,36 @@ def test_three_node_training_matches_single_process(cluster, data_dir, tmp_path,
     got_steps, got = step_losses(metrics)
     assert got_steps == want_steps
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+
+
+def test_two_ranks_on_each_of_two_nodes_share_memory_within_a_node(cluster, data_dir, tmp_path, timings):
+    """4 ranks, 2 per node: by default each node keeps one parameter copy in shared memory and
+    the ranks' parts are allreduced between the nodes (the hierarchical path); same losses."""
+    single = tmp_path / "single"
+    run([sys.executable, "-m", "ddtrain", "train", *TRAIN_ARGS, "--epochs", "1",
+         "--run-dir", str(single), "--data-dir", str(data_dir)], timeout=300)
+    want_steps, want = step_losses((single / "metrics.jsonl").read_text())
+
+    t0 = time.monotonic()
+    up = cluster.compose("up", "--no-build", "--no-color", "--exit-code-from", "node1", timeout=600, check=False,
+                         env={"DDTRAIN_TRAIN_ARGS": " ".join([*TRAIN_ARGS, "--epochs", "1"]),
+                              "DDTRAIN_RUN": "two-by-two", "DDTRAIN_NP": "4",
+                              "DDTRAIN_HOSTS": "node1:2,node2:2"})
+    timings["cluster start + 2x2-rank training (docker-compose up)"] = time.monotonic() - t0
+    log = up.stdout + up.stderr
+    assert up.returncode == 0, f"docker-compose up exited with {up.returncode}:\n{log[-6000:]}"
+    assert re.search(r"ranks: 0@node1 1@node1 2@node2 3@node2", log), log[-6000:]
+    sync = "node shared memory (2 ranks per node), each part allreduced across 2 nodes"
+    assert f"gradient sync: {sync}" in log, log[-6000:]
+
+    metrics = cluster.one_off("cat", "/runs/two-by-two/metrics.jsonl").stdout
+    start = json.loads(metrics.splitlines()[0])
+    assert start["world_size"] == 4 and start["gradient_sync"] == sync, start
+    got_steps, got = step_losses(metrics)
+    assert got_steps == want_steps
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+    summary = json.loads(cluster.one_off("cat", "/runs/two-by-two/summary.json").stdout)
+    assert len(set(summary["param_sha256_per_rank"])) == 1, summary["param_sha256_per_rank"]
 
 
 def test_killed_node_ends_job_and_last_checkpoint_loads(cluster, timings):
