@@ -2,7 +2,8 @@
 optimizer, the data, communication, and Python glue.
 
 usage: python benchmarks/profile_step.py --batch 64 [--samples 12800] [--threads 1]
-       mpiexec -n 2 python benchmarks/profile_step.py --batch 128 ...   (global batch)
+       mpiexec -n 2 python benchmarks/profile_step.py --batch 128 ...   (global batch; one node:
+       the shared-memory step, add --set dist.shared_memory=false for the MPI allreduce)
 
 It runs the real `Trainer.fit()` of the mlp config (evaluation and checkpoints switched off)
 with three kinds of probes, all outside ddtrain's code:
@@ -11,7 +12,7 @@ with three kinds of probes, all outside ddtrain's code:
     trainer's finite check ``xp.dot(g, g)``);
   * the trainer's `_batch` ("data"), the optimizer's `step` ("optimizer") and the reducer's
     `grads_ready`/`finish` plus the communicator's Allreduce ("communication") are wrapped
-    (with --shm: NodeShards' reduce and publish, sync waits included, are "communication");
+    (with the shared-memory step: NodeShards' reduce and publish, sync waits included);
     xp calls inside them count for them, not for matmul/element-wise;
   * "python" is what is left of the wall time: interpreter work, array methods called on
     arrays (``a.sum()``, fancy indexing), minus the proxy's own measured cost per call.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,7 +45,6 @@ def main() -> None:
     p.add_argument("--config", default="mlp")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--shm", action="store_true", help="the sharded shared-memory step (shm_train.py's wiring)")
     args = p.parse_args()
 
     from ddtrain.dist.threads import configure_threads
@@ -103,25 +104,14 @@ def main() -> None:
     trainer.evaluate = lambda: (0.0, 0.0)
     trainer.save = lambda: None
     trainer.agree()
-    if args.shm:  # benchmarks/shm_train.py's wiring; publish() counts as communication
-        from mpi4py import MPI
-        from shm_train import MPINode, PublishingOptimizer, ShardReducer
-
-        from ddtrain.dist.shm import NodeShards
-        from ddtrain.engine.optim import make_optimizer
-        shards = NodeShards(MPINode(MPI.COMM_WORLD), trainer.model)
-        o = cfg.optimizer
-        opt = make_optimizer(o.name, shards.params, momentum=o.momentum, nesterov=o.nesterov,
-                             weight_decay=o.weight_decay)
-        shards.publish = category("communication", shards.publish)
-        trainer.optimizer = PublishingOptimizer(opt, shards)
-        trainer.reducer = ShardReducer(shards)
-        opt.step = category("optimizer", opt.step)
+    trainer.optimizer.step = category("optimizer", trainer.optimizer.step)
+    if trainer.shards is not None:  # the shared-memory step: its sum and syncs are the communication
+        trainer.shards.reduce = category("communication", trainer.shards.reduce)
+        trainer.shards.publish = category("communication", trainer.shards.publish)
     else:
-        trainer.optimizer.step = category("optimizer", trainer.optimizer.step)
+        trainer.reducer.grads_ready = category("communication", trainer.reducer.grads_ready)
+        trainer.reducer.finish = category("communication", trainer.reducer.finish)
     trainer._batch = category("data", trainer._batch)
-    trainer.reducer.grads_ready = category("communication", trainer.reducer.grads_ready)
-    trainer.reducer.finish = category("communication", trainer.reducer.finish)
     comm.Allreduce = category("communication", comm.Allreduce)
 
     last = trainer.steps_per_epoch - 1
@@ -147,14 +137,18 @@ def main() -> None:
         return train_step(perm, timer)
 
     trainer.train_step = probed_step
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        if comm.rank == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
     steps = last - 3
     wall = window["stop"] - window["start"]
     overhead = proxy_overhead(np)
     result = {k: 1e3 * v / steps for k, v in ms.items()}
     result["python"] = 1e3 * (wall - sum(ms.values()) - calls[0] * overhead) / steps
     if comm.rank == 0:
-        print(json.dumps({"batch": B, "ranks": comm.size, "shm": args.shm, "per_rank_batch": B // comm.size, "steps": steps,
+        print(json.dumps({"batch": B, "ranks": comm.size, "gradient_sync": trainer.gradient_sync, "per_rank_batch": B // comm.size, "steps": steps,
                           "step_ms": 1e3 * wall / steps, "ms": result,
                           "xp_calls_per_step": calls[0] / steps,
                           "proxy_overhead_us_per_call": 1e6 * overhead,

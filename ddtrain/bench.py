@@ -11,10 +11,11 @@ makes single runs meaningless. Sections (``--sections``):
              initial weights and data order (all three print the same last-step loss), at each
              batch size. ddtrain's samples/s is wall time between its first and last step
              records in metrics.jsonl; the loops time every step after the first.
-  ranks      at per-rank batch b: 1 rank (batch b); 2 ranks (mpiexec -n 2, global batch 2b), with
-             the configured overlap and with dist.overlap=false; two independent 1-rank runs
-             started together (this machine's ceiling for 2 ranks: same cores, no communication);
-             the bare numpy+mpi4py data-parallel loop.
+  ranks      at per-rank batch b: 1 rank (batch b); 2 ranks (mpiexec -n 2, global batch 2b) as
+             `ddtrain train` runs them by default (one node: the shared-memory step), and through
+             the MPI allreduce (dist.shared_memory=false), blocking and overlapped; two independent
+             1-rank runs started together (this machine's ceiling for 2 ranks: same cores, no
+             communication); the bare numpy+mpi4py data-parallel loop, plain and shared-memory.
   allreduce  ddtrain's gradient reduction against a bare mpi4py Allreduce of the same bytes, and
              the shared-memory reduction against a memcpy (benchmarks/allreduce.py, 2 ranks).
   startup    `ddtrain --help` wall time; launch to the end of the first training step (default
@@ -50,8 +51,11 @@ BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 IMPLS = ("ddtrain", "numpy", "numpy-reuse", "torch")
 SECTIONS = ("single", "ranks", "allreduce", "startup", "profile")
-RANK_VARIANTS = ("1 rank", "2 ranks", "2 ranks, no overlap", "2 ranks, shm shards", "2 independent",
-                 "numpy+mpi4py", "numpy+shm")
+# ddtrain's 2-rank variants: name -> its --set options (the default first).
+DDTRAIN_PAIRS = {"2 ranks": (),
+                 "2 ranks, allreduce": ("dist.shared_memory=false",),
+                 "2 ranks, allreduce overlap": ("dist.shared_memory=false", "dist.overlap=true")}
+RANK_VARIANTS = ("1 rank", *DDTRAIN_PAIRS, "2 independent", "numpy+mpi4py", "numpy+shm")
 RUN_TIMEOUT = 600  # seconds any one process may take
 
 # Issue 6's goals: (key, what, target, "min" or "max").
@@ -59,8 +63,8 @@ GOALS = (
     ("torch_64", "ddtrain / PyTorch samples/s, batch 64", 1.3, "min"),
     ("torch_256", "ddtrain / PyTorch samples/s, batch 256", 1.15, "min"),
     ("numpy", "ddtrain / hand-written numpy loop, every batch (worst)", 1.0, "min"),
-    ("pair", "2 ranks / two independent processes (worst batch)", 0.95, "min"),
-    ("pair_shm", "the same with ddtrain.dist.shm's sharded step (benchmarks/shm_train.py)", 0.95, "min"),
+    ("pair", "2 ranks (default: node shared memory) / two independent processes (worst batch)", 0.95, "min"),
+    ("pair_allreduce", "the same through the MPI allreduce (dist.shared_memory=false)", 0.95, "min"),
     ("allreduce", "ddtrain gradient allreduce / bare Allreduce (as trained)", 1.1, "max"),
     ("shm", "shared-memory reduction / memcpy", 3.0, "max"),
     ("rss", "peak RSS per rank, MB (default model, dataset included)", 300.0, "max"),
@@ -240,7 +244,7 @@ class Runner:
                 "peak_rss_mb": summary["peak_rss_mb"],
                 "peak_rss_mb_per_rank": summary["peak_rss_mb_per_rank"],
                 "first_step_seconds": summary["first_step_seconds"], "comm_wait_ms": b["timing_ms"]["comm_wait"],
-                "timing_ms": b["timing_ms"]}
+                "timing_ms": b["timing_ms"], "gradient_sync": summary.get("gradient_sync")}
 
     def ddtrain(self, setting: dict, batch: int, samples: int, ranks: int = 1, sets=()) -> dict:
         run_dir = self.run_dir(f"ddtrain-{ranks}x{batch}")
@@ -272,16 +276,6 @@ class Runner:
         result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
         result.setdefault("peak_rss_mb_per_rank", [result["peak_rss_mb"]])
         return result
-
-    def shm_shards(self, setting: dict, batch: int, samples: int) -> dict:
-        """2 ranks of the real trainer with ddtrain.dist.shm's sharded step (benchmarks/shm_train.py)."""
-        run_dir = self.run_dir(f"shm-{batch}")
-        cmd = self.mpiexec(2) + [self.python, str(SCRIPTS / "shm_train.py"), "--batch", str(batch),
-                                 "--samples", str(samples), "--run-dir", str(run_dir)]
-        if self.opts.data_dir:
-            cmd += ["--data-dir", str(self.opts.data_dir)]
-        self.run(cmd, setting)
-        return self.ddtrain_result(run_dir, batch)
 
     def independent_pair(self, setting: dict, batch: int, samples: int) -> dict:
         """Two 1-rank ddtrain runs started at the same time: their summed samples/s."""
@@ -340,12 +334,8 @@ def section_ranks(r: Runner, setting: dict, samples: int) -> dict:
             for v in rotate(list(RANK_VARIANTS), rnd):
                 if v == "1 rank":
                     res = r.ddtrain(setting, b, samples)
-                elif v == "2 ranks":
-                    res = r.ddtrain(setting, 2 * b, samples, ranks=2)
-                elif v == "2 ranks, no overlap":
-                    res = r.ddtrain(setting, 2 * b, samples, ranks=2, sets=["dist.overlap=false"])
-                elif v == "2 ranks, shm shards":
-                    res = r.shm_shards(setting, 2 * b, samples)
+                elif v in DDTRAIN_PAIRS:
+                    res = r.ddtrain(setting, 2 * b, samples, ranks=2, sets=DDTRAIN_PAIRS[v])
                 elif v == "2 independent":
                     res = r.independent_pair(setting, b, samples)
                 else:
@@ -358,12 +348,12 @@ def section_ranks(r: Runner, setting: dict, samples: int) -> dict:
         cell = {v: summarize([x["samples_per_second"] for x in runs[b][v]]) for v in RANK_VARIANTS}
         for v in RANK_VARIANTS:
             cell[v]["peak_rss_mb_per_rank"] = max(max(x["peak_rss_mb_per_rank"]) for x in runs[b][v])
-        for v in ("2 ranks", "2 ranks, no overlap", "2 ranks, shm shards"):
+        for v in DDTRAIN_PAIRS:
             cell[v]["comm_wait_ms"] = median([x["comm_wait_ms"]["max"] for x in runs[b][v]])
-        for num, den in (("2 ranks", "2 independent"), ("2 ranks, no overlap", "2 independent"),
-                         ("2 ranks, shm shards", "2 independent"), ("numpy+mpi4py", "2 independent"),
+            cell[v]["gradient_sync"] = runs[b][v][-1]["gradient_sync"]
+        for num, den in (*((v, "2 independent") for v in DDTRAIN_PAIRS), ("numpy+mpi4py", "2 independent"),
                          ("numpy+shm", "2 independent"), ("2 ranks", "1 rank"),
-                         ("2 ranks, shm shards", "1 rank"), ("2 independent", "1 rank")):
+                         ("2 ranks, allreduce", "1 rank"), ("2 independent", "1 rank")):
             cell[f"{num} / {den}"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
                                                 for a, c in zip(runs[b][num], runs[b][den])])
         out[str(b)] = cell
@@ -417,15 +407,17 @@ def section_startup(r: Runner, setting: dict) -> dict:
 
 def section_profile(r: Runner, setting: dict) -> dict:
     out = {}
-    for ranks, shm in ((1, False), (2, False), (2, True)):
+    # 2 ranks: the default (node shared memory) and the MPI allreduce path.
+    for ranks, sets in ((1, ()), (2, ()), (2, DDTRAIN_PAIRS["2 ranks, allreduce"])):
         for b in r.opts.batches:
             g = b * ranks
             steps = min(12 if r.opts.quick else 200, 60000 // g)  # FashionMNIST has 60,000 images
             cmd = [r.python, str(SCRIPTS / "profile_step.py"), "--batch", str(g), "--samples", str(steps * g)]
-            cmd += ["--shm"] if shm else []
+            for s in sets:
+                cmd += ["--set", s]
             if r.opts.data_dir:
                 cmd += ["--data-dir", str(r.opts.data_dir)]
-            key = f"{ranks}x{b}" + (" shm shards" if shm else "")
+            key = f"{ranks}x{b}" + (" allreduce" if sets else "")
             if ranks > 1:
                 try:
                     cmd = r.mpiexec(ranks) + cmd
@@ -450,8 +442,8 @@ def goals(result: dict) -> list[dict]:
     fig["numpy"] = min(vs_numpy) if vs_numpy else None
     pair = [c["2 ranks / 2 independent"]["median"] for c in ranks.values()]
     fig["pair"] = min(pair) if pair and None not in pair else None
-    pair = [c["2 ranks, shm shards / 2 independent"]["median"] for c in ranks.values()]
-    fig["pair_shm"] = min(pair) if pair and None not in pair else None
+    pair = [c["2 ranks, allreduce / 2 independent"]["median"] for c in ranks.values()]
+    fig["pair_allreduce"] = min(pair) if pair and None not in pair else None
     ar = result.get("allreduce") or {}
     fig["allreduce"] = (ar.get("ratios") or {}).get("ddtrain (as trained) / bare Allreduce")
     fig["shm"] = (ar.get("ratios") or {}).get("shared-memory sum / memcpy")
@@ -516,7 +508,7 @@ def format_table(result: dict) -> str:
             rows = [[k] + [_cell(c[k], "{:.3f}") for c in s["ranks"].values()] for k in keys]
             rows += [[f"{v}: exposed comm wait, ms"] + [_f(c[v].get("comm_wait_ms"), "{:.3f}")
                                                         for c in s["ranks"].values()]
-                     for v in ("2 ranks", "2 ranks, no overlap", "2 ranks, shm shards")]
+                     for v in DDTRAIN_PAIRS]
             lines += ["", "ratios (paired per round)"] + _grid(["per-rank batch"] + list(s["ranks"]), rows)
         if "profile" in s:
             head = ["ranks x batch", "step ms", "matmul", "element-wise", "optimizer", "data", "communication",

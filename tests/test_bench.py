@@ -56,17 +56,24 @@ def test_quick_data_parallel_sections(tmp_path):
     result, table = run_bench(tmp_path, "--sections", "ranks,allreduce,profile")
     (setting,) = result["settings"]
     ranks = setting["ranks"]["32"]
-    for variant in ("1 rank", "2 ranks", "2 ranks, no overlap", "2 ranks, shm shards", "2 independent",
+    for variant in ("1 rank", "2 ranks", "2 ranks, allreduce", "2 ranks, allreduce overlap", "2 independent",
                     "numpy+mpi4py", "numpy+shm"):
         assert positive(ranks[variant]["median"]), variant
     assert positive(ranks["2 ranks / 2 independent"]["median"])
+    assert positive(ranks["2 ranks, allreduce / 2 independent"]["median"])
+    # the default on one node is the shared-memory step; the allreduce rows really are the allreduce
+    assert ranks["2 ranks"]["gradient_sync"].startswith("node shared memory")
+    assert ranks["2 ranks, allreduce"]["gradient_sync"] == "MPI allreduce, blocking"
+    assert ranks["2 ranks, allreduce overlap"]["gradient_sync"].startswith("MPI allreduce, bucketed")
     ar = result["allreduce"]
     assert ar["ranks"] == 2 and ar["bytes"] == 4 * ar["floats"]
     assert all(positive(v) for v in ar["median_us"].values())
-    for key in ("1x32", "2x32", "2x32 shm shards"):
+    for key in ("1x32", "2x32", "2x32 allreduce"):
         prof = setting["profile"][key]
         assert positive(prof["step_ms"]) and positive(prof["ms"]["matmul"])
-    assert setting["profile"]["2x32"]["ms"]["communication"] > 0
+    for key in ("2x32", "2x32 allreduce"):
+        assert setting["profile"][key]["ms"]["communication"] > 0, key
+    assert setting["profile"]["2x32"]["gradient_sync"].startswith("node shared memory")
     assert "gradient allreduce" in table
 
 
