@@ -431,9 +431,10 @@ def section_profile(r: Runner, setting: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ goals and table
-def goals(result: dict) -> list[dict]:
-    """Issue 6's goals against the figures of the first BLAS setting measured (the one CI uses)."""
-    first = result["settings"][0]
+def goals(result: dict, setting: int = 0) -> list[dict]:
+    """Issue 6's goals against the figures of one BLAS setting (the first: as the environment sets
+    it, the one CI uses); the allreduce and start-up (no BLAS kernels) are measured once."""
+    first = result["settings"][setting]
     single, ranks = first.get("single", {}), first.get("ranks", {})
     fig = {}
     for b, key in ((64, "torch_64"), (256, "torch_256")):
@@ -534,11 +535,12 @@ def format_table(result: dict) -> str:
     if st:
         lines += ["", f"startup: ddtrain --help {_cell(st['help_seconds'], '{:.3f} s')}; first training step "
                       + ", ".join(f"{k} {_cell(v, '{:.2f} s')}" for k, v in st["first_step_seconds"].items())]
-    lines += ["", "goals (issue 6), first BLAS setting"]
-    rows = [[g["what"], ("≥ " if g["kind"] == "min" else "≤ ") + f"{g['target']:g}",
-             _f(g["figure"], "{:.3f}"), {True: "met", False: "NOT MET", None: "not measured"}[g["met"]]]
-            for g in result["goals"]]
-    lines += _grid(["goal", "target", "figure", ""], rows)
+    for by_setting in result.get("goals_by_setting") or [{"label": "", "goals": result["goals"]}]:
+        lines += ["", f"goals (issue 6), BLAS {by_setting['label']}"]
+        rows = [[g["what"], ("≥ " if g["kind"] == "min" else "≤ ") + f"{g['target']:g}",
+                 _f(g["figure"], "{:.3f}"), {True: "met", False: "NOT MET", None: "not measured"}[g["met"]]]
+                for g in by_setting["goals"]]
+        lines += _grid(["goal", "target", "figure", ""], rows)
     return "\n".join(lines)
 
 
@@ -589,6 +591,8 @@ def run_bench(opts: Options, echo=print) -> dict:
         result["loadavg"].pop("runs")
         result["machine"]["loadavg_at_end"] = os.getloadavg()
     result["goals"] = goals(result)
+    result["goals_by_setting"] = [{"label": st["label"], "goals": goals(result, i)}
+                                  for i, st in enumerate(result["settings"])]
     return result
 
 
