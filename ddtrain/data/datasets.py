@@ -37,7 +37,6 @@ import numpy as np
 from ddtrain.data.idx import (
     IMAGES_MAGIC,
     LABELS_MAGIC,
-    check_magic,
     parse_idx,
     read_bytes,
     read_header,
@@ -244,10 +243,11 @@ def load_fashion_mnist(directory: str | os.PathLike, verify: bool = True) -> Dat
             raise DataError(f"{directory / f.name}: missing (and no {f.name}.gz); {HOW_TO_GET}")
         path = files[f.key]
         data = read_bytes(path)
+        # Structure first (magic, dimensions, length), so that a broken file is named for its
+        # fault; a well-formed file with other content is then a checksum mismatch.
+        arr = parse_idx(data, str(path), f.magic)
         if verify:
             _check_hash(path, f.sha256, hashlib.sha256(data).hexdigest())
-        arr = parse_idx(data, str(path))
-        check_magic(arr, f.magic, str(path))
         arrays[f.key] = arr
     ds = Dataset(
         name=NAME,

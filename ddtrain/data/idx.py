@@ -65,14 +65,16 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise DataError(f"{os.fspath(path)}: bad gzip data: {e}") from None
 
 
-def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+def parse_idx(data: bytes, name: str = "<bytes>", expect_magic: int | None = None) -> np.ndarray:
     """The array held by the IDX bytes `data` (already decompressed).
 
     Returns a read-only uint8 array of the header's shape that views `data` (no copy);
     (N, rows, cols) for magic 2051, (N,) for magic 2049, any rank for other ubyte IDX.
     name: what to call the data in error messages (the file's path).
+    expect_magic: IMAGES_MAGIC or LABELS_MAGIC to insist on images or labels; None: any.
     Raises DataError for a bad magic, a non-ubyte element type, or a payload whose
-    length differs from what the header's dimensions say.
+    length differs from what the header's dimensions say, checked in that order (a
+    wrong magic is named as such, not as the length its dimensions would imply).
     """
     if len(data) < 4:
         raise DataError(f"{name}: truncated: {len(data)} bytes, an IDX header needs at least 4")
@@ -86,6 +88,7 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise DataError(f"{name}: IDX element type {what} (magic {magic}); only ubyte (0x08) is supported")
     if ndim == 0:
         raise DataError(f"{name}: bad magic {magic}: IDX with 0 dimensions")
+    check_magic(ndim, expect_magic, name)
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(
@@ -113,21 +116,18 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
     Returns a read-only array viewing the decompressed bytes (one copy: the gunzip).
     Raises DataError (one line, naming the file) for anything wrong with the file.
     """
-    name = os.fspath(path)
-    arr = parse_idx(read_bytes(path), name)
-    check_magic(arr, expect_magic, name)
-    return arr
+    return parse_idx(read_bytes(path), os.fspath(path), expect_magic)
 
 
-def check_magic(arr: np.ndarray, expect_magic: int | None, name: str) -> None:
-    """DataError unless `arr` (from `parse_idx`) has the rank `expect_magic` stands for."""
+def check_magic(ndim: int, expect_magic: int | None, name: str) -> None:
+    """DataError unless a ubyte IDX of `ndim` dimensions is what `expect_magic` stands for."""
     if expect_magic is None:
         return
     want = {IMAGES_MAGIC: (3, "images (N, rows, cols)"), LABELS_MAGIC: (1, "labels (N,)")}[expect_magic]
-    if arr.ndim != want[0]:
+    if ndim != want[0]:
         raise DataError(
-            f"{name}: bad magic {0x800 + arr.ndim}: expected {expect_magic} ({want[1]}), "
-            f"file has {arr.ndim} dimensions"
+            f"{name}: bad magic {0x800 + ndim}: expected {expect_magic} ({want[1]}), "
+            f"file has {ndim} dimensions"
         )
 
 

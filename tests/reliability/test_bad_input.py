@@ -79,7 +79,7 @@ def set_byte(data: bytes, at: int, value: int) -> bytes:
     return data[:at] + bytes([value]) + data[at + 1:]
 
 
-SHA = f"{LABELS}: sha256 mismatch"  # what any change to a file's content is reported as first
+SHA = f"{LABELS}: sha256 mismatch"  # a well-formed file with other content
 # (rows, as (id, command, exit status, message)); `c` is a Ctx
 ROWS = [
     # ---- options and config values (exit 2)
@@ -122,10 +122,13 @@ ROWS = [
     # ---- data files (exit 1)
     ("data-dir-missing", lambda c: train(c, "--data-dir", c.tmp / "nope"), 1, "does not exist"),
     ("idx-missing", lambda c: train(c, "--data-dir", c.damaged_data(None)), 1, f"data: lacks {LABELS}"),
-    ("idx-bad-magic", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: set_byte(b, 3, 3))), 1, SHA),
-    ("idx-wrong-size", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: set_byte(b, 7, 0x61))), 1, SHA),
-    ("idx-truncated", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: b[:-100])), 1, SHA),
-    ("idx-empty", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: b"")), 1, SHA),
+    ("idx-bad-magic", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: set_byte(b, 3, 3))), 1,
+     f"{LABELS}: bad magic 2051: expected 2049 (labels (N,))"),
+    ("idx-wrong-size", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: set_byte(b, 7, 0x61))), 1,
+     f"{LABELS}: truncated: header says"),
+    ("idx-truncated", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: b[:-100])), 1,
+     f"{LABELS}: truncated: header says 60000 = 60000 bytes, file has 59900 after the header"),
+    ("idx-empty", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: b"")), 1, f"{LABELS}: truncated"),
     ("idx-wrong-checksum", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: set_byte(b, 5000, 9))),
      1, SHA),
     ("gz-truncated", lambda c: train(c, "--data-dir", c.damaged_data(lambda b: b[:len(b) // 2], gz=True)), 1,
