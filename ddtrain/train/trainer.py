@@ -523,7 +523,9 @@ class Trainer:
         return reduced, note
 
     def fit(self) -> dict:
-        cfg, xp, comm = self.cfg, self.xp, self.comm
+        """Train from the cursor to the last epoch (steps 1-5 of the module docstring each step);
+        evaluate and checkpoint at each epoch's end; returns the summary (summary.json)."""
+        cfg, comm = self.cfg, self.comm
         B = cfg.train.batch_size
         spe = self.steps_per_epoch
         log_every = cfg.train.log_every
@@ -553,35 +555,8 @@ class Trainer:
                     t_step = time.perf_counter()
                     loss_sum, correct, n = self.train_step(perm, timer)
                     self._chaos(step)
-                    # Gradients are synchronised: every rank holds the same params.grad here.
-                    # (Shared memory: not yet; params.grad is this rank's own slot, and the sum
-                    # is non-finite iff some rank's share is, so each rank checks its own.)
                     flags[0] = signals.requested
-                    flags[1] = 0
-                    # dot(g, g) is non-finite iff some |g| is (or is ~1e19: a blow-up too), and
-                    # BLAS computes it ~4x faster than g.sum() (it is 3% of a step otherwise).
-                    g = self.params.grad
-                    if not math.isfinite(float(xp.dot(g, g))):
-                        flags[1] = 1
-                    if self.shards is not None:  # sums my part of the gradient, and the flags on the way
-                        timer.add("comm_wait", self.shards.reduce(flags))
-                    elif comm.size > 1:
-                        comm.Allreduce(flags)
-                    if flags[1]:
-                        if cfg.train.nonfinite == "stop":
-                            raise everywhere(DDTrainError(
-                                f"non-finite loss or gradient at step {step + 1} (epoch {self.cursor.epoch + 1}); "
-                                f"stopped without writing a checkpoint. Lower optimizer.lr, or set "
-                                f"train.nonfinite=skip to skip such steps"))
-                        self.log(f"step {step + 1}: non-finite gradient, step skipped (train.nonfinite=skip)")
-                    else:
-                        t5 = time.perf_counter()
-                        self.optimizer.step(self.schedule.lr(step))
-                        timer.add("optimizer", time.perf_counter() - t5)
-                    if self.shards is not None:  # all parts updated (or skipped) before anyone reads
-                        t6 = time.perf_counter()
-                        self.shards.publish()
-                        timer.add("comm_wait", time.perf_counter() - t6)
+                    self._agree_and_update(step, flags, timer)
                     timer.steps += 1
                     self.epoch_sums[0] += loss_sum
                     self.epoch_sums[1] += correct
@@ -621,13 +596,50 @@ class Trainer:
                     comm.Barrier()
                     raise Interrupted(f"interrupted by {signal.Signals(signum).name} at step {self.cursor.step}; "
                                       f"checkpoint written to {self.ckpt_dir}; continue with --resume auto", signum)
-        wall = time.perf_counter() - started
-        test_loss, test_acc = self.history.get("test_loss", [None])[-1], self.history.get("test_accuracy", [None])[-1]
         sps = train_samples / train_seconds if train_seconds > 0 else None
+        return self._write_summary(time.perf_counter() - started, sps, first_step_at)
+
+    def _agree_and_update(self, step: int, flags: np.ndarray, timer: StepTimer) -> None:
+        """After backward: the ranks agree on the flags (flags[0]: stop requested; flags[1] is
+        set here: this rank's gradient is non-finite), then take (or skip) the update.
+
+        With the allreduce path the gradients are already summed: every rank holds the same
+        params.grad. With shared memory they are not yet: params.grad is this rank's own slot,
+        and the sum is non-finite iff some rank's share is, so each rank checks its own, and
+        NodeShards.reduce() sums this rank's part of the gradient and the flags in one go.
+        """
+        # dot(g, g) is non-finite iff some |g| is (or is ~1e19: a blow-up too), and BLAS
+        # computes it ~4x faster than g.sum() (it is 3% of a step otherwise).
+        g = self.params.grad
+        flags[1] = 0 if math.isfinite(float(self.xp.dot(g, g))) else 1
+        if self.shards is not None:
+            timer.add("comm_wait", self.shards.reduce(flags))
+        elif self.comm.size > 1:
+            self.comm.Allreduce(flags)
+        if flags[1]:
+            if self.cfg.train.nonfinite == "stop":
+                raise everywhere(DDTrainError(
+                    f"non-finite loss or gradient at step {step + 1} (epoch {self.cursor.epoch + 1}); "
+                    f"stopped without writing a checkpoint. Lower optimizer.lr, or set "
+                    f"train.nonfinite=skip to skip such steps"))
+            self.log(f"step {step + 1}: non-finite gradient, step skipped (train.nonfinite=skip)")
+        else:
+            t = time.perf_counter()
+            self.optimizer.step(self.schedule.lr(step))
+            timer.add("optimizer", time.perf_counter() - t)
+        if self.shards is not None:  # all parts updated (or skipped) before anyone reads them
+            t = time.perf_counter()
+            self.shards.publish()
+            timer.add("comm_wait", time.perf_counter() - t)
+
+    def _write_summary(self, wall: float, samples_per_second: float | None, first_step_at: float | None) -> dict:
+        """summary.json (and the end record): final test figures, speed, memory, weight hashes."""
+        comm = self.comm
+        test_loss, test_acc = self.history.get("test_loss", [None])[-1], self.history.get("test_accuracy", [None])[-1]
         rss = comm.allgather_obj(round(peak_rss_mb(), 1))
         summary = {
-            "test_accuracy": test_acc, "test_loss": test_loss, "epochs": cfg.train.epochs,
-            "steps": self.cursor.step, "world_size": comm.size, "samples_per_second": sps,
+            "test_accuracy": test_acc, "test_loss": test_loss, "epochs": self.cfg.train.epochs,
+            "steps": self.cursor.step, "world_size": comm.size, "samples_per_second": samples_per_second,
             "wall_seconds": wall, "first_step_seconds": first_step_at, "peak_rss_mb": max(rss),
             "peak_rss_mb_per_rank": rss, "device": self.backend.device, "gradient_sync": self.gradient_sync,
             "param_sha256": self.params.fingerprint(),
@@ -635,7 +647,7 @@ class Trainer:
             "history": self.history,
         }
         self.metrics.write({"event": "end", "step": self.cursor.step, "test_accuracy": test_acc,
-                            "samples_per_second": sps, "wall_seconds": wall})
+                            "samples_per_second": samples_per_second, "wall_seconds": wall})
         self.metrics.write_summary(summary)
         self.metrics.close()
         return summary
