@@ -67,15 +67,18 @@ class Clock:
         self.steps = 0
         self.samples = 0
         self._start = None
+        self.sync = lambda: None  # a GPU loop sets its device's synchronize
 
     def tick(self, n: int) -> None:
         self.steps += 1
         if self._start is None:
+            self.sync()
             self._start = time.perf_counter()
         else:
             self.samples += n
 
     def samples_per_second(self) -> float:
+        self.sync()
         return self.samples / (time.perf_counter() - self._start)
 
 

@@ -22,6 +22,9 @@ makes single runs meaningless. Sections (``--sections``):
              config) for 1 and 2 ranks.
   profile    one steady-state step split into matmul, element-wise, optimizer, data, communication
              and Python (benchmarks/profile_step.py), 1 and 2 ranks.
+  gpu        `ddtrain train --device gpu` against the PyTorch loop on CUDA, one process, at batches
+             256, 1024 and 4096, when CuPy sees a GPU (torch's row when torch sees one too);
+             otherwise recorded as skipped, with the reason. (Never run yet: no GPU here.)
 
 BLAS settings (``--blas``): "as set" runs every process with OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE
 as this environment has them (or as ``--blas-env`` gives them); "unset" removes both (OpenBLAS
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,7 +54,8 @@ SCRIPTS = REPO / "benchmarks"
 BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 IMPLS = ("ddtrain", "numpy", "numpy-reuse", "torch")
-SECTIONS = ("single", "ranks", "allreduce", "startup", "profile")
+SECTIONS = ("single", "ranks", "allreduce", "startup", "profile", "gpu")
+GPU_BATCHES = (256, 1024, 4096)  # a GPU needs large batches to be busy
 # ddtrain's 2-rank variants: name -> its --set options (the default first).
 DDTRAIN_PAIRS = {"2 ranks": (),
                  "2 ranks, allreduce": ("dist.shared_memory=false",),
@@ -162,14 +167,12 @@ class Runner:
         return env
 
     def start(self, cmd: list[str], setting: dict):
-        import subprocess
         self.loads.append(os.getloadavg()[0])
         self._runs += 1
         return subprocess.Popen(cmd, env=self.env(setting), cwd=self.workdir, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     def finish(self, proc, cmd) -> str:
-        import subprocess
         try:
             out, err = proc.communicate(timeout=RUN_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -216,9 +219,9 @@ class Runner:
         """ddtrain's train.log_every in benchmark runs: its step records time the run."""
         return min(50, max(1, samples // batch // 5))
 
-    def ddtrain_cmd(self, batch: int, run_dir: Path, samples: int, sets=()) -> list[str]:
+    def ddtrain_cmd(self, batch: int, run_dir: Path, samples: int, sets=(), device: str = "cpu") -> list[str]:
         log_every = self.log_every(batch, samples)
-        cmd = [self.python, "-m", "ddtrain", "train", "--config", "mlp", "--epochs", "1",
+        cmd = [self.python, "-m", "ddtrain", "train", "--config", "mlp", "--epochs", "1", "--device", device,
                "--batch-size", str(batch), "--threads", "1", "--run-dir", str(run_dir), "--overwrite",
                "--set", f"data.train_samples={samples}", "--set", f"train.log_every={log_every}"]
         for s in sets:
@@ -246,18 +249,20 @@ class Runner:
                 "first_step_seconds": summary["first_step_seconds"], "comm_wait_ms": b["timing_ms"]["comm_wait"],
                 "timing_ms": b["timing_ms"], "gradient_sync": summary.get("gradient_sync")}
 
-    def ddtrain(self, setting: dict, batch: int, samples: int, ranks: int = 1, sets=()) -> dict:
+    def ddtrain(self, setting: dict, batch: int, samples: int, ranks: int = 1, sets=(), device: str = "cpu") -> dict:
         run_dir = self.run_dir(f"ddtrain-{ranks}x{batch}")
-        cmd = self.ddtrain_cmd(batch, run_dir, samples, sets)
+        cmd = self.ddtrain_cmd(batch, run_dir, samples, sets, device)
         if ranks > 1:
             cmd = self.mpiexec(ranks) + cmd
         self.run(cmd, setting)
         return self.ddtrain_result(run_dir, batch)
 
     def loop_cmd(self, impl: str, batch: int, samples: int) -> list[str]:
-        script = "torch_loop.py" if impl == "torch" else "numpy_loop.py"
+        script = "torch_loop.py" if impl in ("torch", "torch-cuda") else "numpy_loop.py"
         cmd = [self.python, str(SCRIPTS / script), "--batch", str(batch), "--samples", str(samples),
                "--weights", str(self.weights), "--check-step", str(self.log_every(batch, samples))]
+        if impl == "torch-cuda":
+            cmd += ["--device", "cuda"]
         if impl in ("numpy-reuse", "numpy+mpi4py", "numpy+shm"):
             cmd.append("--reuse")
         if impl in ("numpy+mpi4py", "numpy+shm"):
@@ -430,6 +435,45 @@ def section_profile(r: Runner, setting: dict) -> dict:
     return out
 
 
+def gpu_devices(python: str) -> dict:
+    """{"cupy": device count or the reason there is none, "torch": ...}, asked in subprocesses
+    (this process never initialises CUDA)."""
+    probes = {"cupy": "import cupy; print(cupy.cuda.runtime.getDeviceCount())",
+              "torch": "import torch; print(torch.cuda.device_count())"}
+    found = {}
+    for name, code in probes.items():
+        p = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+        lines = (p.stdout or p.stderr).strip().splitlines() or ["no output"]
+        found[name] = int(lines[-1]) if p.returncode == 0 and lines[-1].isdigit() else lines[-1]
+    return found
+
+
+def section_gpu(r: Runner, setting: dict) -> dict:
+    devices = gpu_devices(r.python)
+    if not isinstance(devices["cupy"], int) or devices["cupy"] < 1:
+        return {"skipped": f"no GPU for ddtrain (CuPy: {devices['cupy']})", "devices": devices}
+    impls = ["ddtrain"] + (["torch-cuda"] if isinstance(devices["torch"], int) and devices["torch"] > 0 else [])
+    batches = [b for b in GPU_BATCHES if 3 * b <= r.opts.samples] or [min(GPU_BATCHES)]
+    runs = {b: {i: [] for i in impls} for b in batches}
+    for rnd in range(r.opts.rounds):
+        for b in batches:
+            samples = r.opts.samples // b * b
+            for impl in rotate(impls, rnd):
+                res = (r.ddtrain(setting, b, samples, device="gpu") if impl == "ddtrain"
+                       else r.loop(setting, impl, b, samples))
+                runs[b][impl].append(res)
+                r.echo(f"  [gpu] round {rnd + 1}/{r.opts.rounds} batch {b} {impl}: "
+                       f"{res['samples_per_second']:,.0f} samples/s")
+    out = {"devices": devices}
+    for b in batches:
+        cell = {i: summarize([x["samples_per_second"] for x in runs[b][i]]) for i in impls}
+        if "torch-cuda" in impls:
+            cell["ddtrain/torch-cuda"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
+                                                    for a, c in zip(runs[b]["ddtrain"], runs[b]["torch-cuda"])])
+        out[str(b)] = cell
+    return out
+
+
 # ------------------------------------------------------------------------------ goals and table
 def goals(result: dict, setting: int = 0) -> list[dict]:
     """Issue 6's goals against the figures of one BLAS setting (the first: as the environment sets
@@ -531,6 +575,17 @@ def format_table(result: dict) -> str:
                       f"{ar['repeats']} (slowest rank), us"]
         lines += _grid(list(med), [[f"{v:.0f}" for v in med.values()]])
         lines += [f"  {k}: {_f(v, '{:.2f}x')}" for k, v in ar["ratios"].items()]
+    gpu = result.get("gpu")
+    if gpu:
+        if "skipped" in gpu:
+            lines += ["", f"gpu: skipped: {gpu['skipped']}"]
+        else:
+            impls = [k for k in next(v for k, v in gpu.items() if k != "devices") if "/" not in k]
+            head = ["gpu batch"] + [f"{i} samples/s" for i in impls] + (["ddtrain/torch-cuda"] if "torch-cuda" in impls else [])
+            rows = [[b] + [_cell(c[i]) for i in impls] + ([_cell(c["ddtrain/torch-cuda"], "{:.2f}x")]
+                                                          if "torch-cuda" in impls else [])
+                    for b, c in gpu.items() if b != "devices"]
+            lines += ["", "one GPU"] + _grid(head, rows)
     st = result.get("startup")
     if st:
         lines += ["", f"startup: ddtrain --help {_cell(st['help_seconds'], '{:.3f} s')}; first training step "
@@ -587,6 +642,8 @@ def run_bench(opts: Options, echo=print) -> dict:
                     result["allreduce"] = _optional(lambda: section_allreduce(r, setting), echo)
                 if "startup" in opts.sections:
                     result["startup"] = section_startup(r, setting)
+                if "gpu" in opts.sections:
+                    result["gpu"] = section_gpu(r, setting)
         result["loadavg"] = summarize(r.loads)
         result["loadavg"].pop("runs")
         result["machine"]["loadavg_at_end"] = os.getloadavg()

@@ -34,7 +34,7 @@ def positive(x) -> bool:
 
 
 def test_quick_single_process_sections(tmp_path):
-    result, table = run_bench(tmp_path, "--impls", "ddtrain,numpy,numpy-reuse", "--sections", "single,startup")
+    result, table = run_bench(tmp_path, "--impls", "ddtrain,numpy,numpy-reuse", "--sections", "single,startup,gpu")
     (setting,) = result["settings"]  # --blas unset: one setting
     cell = setting["single"]["32"]
     for impl in ("ddtrain", "numpy", "numpy-reuse"):
@@ -46,6 +46,8 @@ def test_quick_single_process_sections(tmp_path):
     assert max(losses) - min(losses) < 1e-4 * max(losses), losses
     assert positive(result["startup"]["help_seconds"]["median"])
     assert positive(result["startup"]["first_step_seconds"]["1 rank"]["median"])
+    gpu = result["gpu"]  # the GPU entry: figures where CuPy sees a GPU, else the reason it has none
+    assert ("skipped" in gpu and "no GPU for ddtrain" in table) or positive(gpu["256"]["ddtrain"]["median"])
     assert [g["goal"] for g in result["goals"]] == [g[0] for g in GOALS]
     assert "goals (issue 6)" in table and "ddtrain/numpy" in table
 
