@@ -44,6 +44,16 @@ class Backend:
     def is_gpu(self) -> bool:
         return self.device == "gpu"
 
+    def select_device(self, local_rank: int) -> int | None:
+        """Make GPU `local_rank % count` this process's current device (one GPU per rank on a
+        node with several; CuPy otherwise puts every rank on GPU 0). Returns its index, or
+        None on the CPU. Call once, before any array is made."""
+        if not self.is_gpu:
+            return None
+        index = local_rank % self.xp.cuda.runtime.getDeviceCount()
+        self.xp.cuda.Device(index).use()
+        return index
+
     def to_host(self, a) -> np.ndarray:
         """A numpy array with the contents of `a` (a copy only when `a` is on the GPU)."""
         return self.xp.asnumpy(a) if self.is_gpu else np.asarray(a)

@@ -141,6 +141,7 @@ def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_d
     cfg = load_config(config, overrides, list(sets))
     backend = resolve_backend(device)
     comm = world(timeout=cfg.dist.timeout)
+    backend.select_device(comm.local_rank)
     path = _run_dir(run_dir, config)
     log = (lambda msg: click.echo(msg, err=False)) if comm.rank == 0 else (lambda msg: None)
     with _guard(comm):

@@ -414,7 +414,7 @@ class Trainer:
                     xp.empty(n, dtype=xp.int64))
             self._batch_buffers[n] = bufs
         raw, x, y = bufs
-        idx = self.backend.from_host(indices)
+        idx = self.backend.from_host(indices)  # already there in training (fit() puts perm there)
         self.backend.take(self.train_x, idx, out=raw)
         self.backend.take(self.train_y, idx, out=y)
         normalize_batch(raw, self.cfg.data.normalize, out=x, mean=self.data.mean, std=self.data.std)
@@ -543,7 +543,8 @@ class Trainer:
         with StopSignals() as signals:
             while self.cursor.epoch < cfg.train.epochs:
                 c = self.cursor
-                perm = epoch_permutation(cfg.train.seed, c.epoch, self.n_train)
+                # On the device once an epoch: a step slices it there (no host-to-device copy per step).
+                perm = self.backend.from_host(epoch_permutation(cfg.train.seed, c.epoch, self.n_train))
                 if c.step_in_epoch == 0:
                     self._start_epoch_sums()
                 epoch_start = time.perf_counter()
