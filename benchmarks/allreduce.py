@@ -8,10 +8,11 @@ a call's time is the slowest rank's. Rank 0 prints one JSON line: the median mic
   memcpy            np.copyto of the buffer into another (the physical unit of the reduction)
   bare_allreduce    MPI.COMM_WORLD.Allreduce(IN_PLACE, buf, SUM): what mpi4py gives anyone
   bare_iallreduce   Iallreduce + Wait of the whole buffer
-  ddtrain_overlap   the trainer's reducer as configured by default (dist.overlap=true):
-                    grads_ready(offset) for each layer, last first, then finish()
-  ddtrain_blocking  the reducer with dist.overlap=false: one comm.Allreduce in finish(),
-                    which takes the node's shared memory (SharedMemorySum) when it can
+  ddtrain_blocking  the reducer as the allreduce path trains by default (dist.overlap=false):
+                    one comm.Allreduce in finish(), which takes the node's shared memory
+                    (SharedMemorySum) when it can
+  ddtrain_overlap   the reducer with dist.overlap=true: grads_ready(offset) for each layer,
+                    last first (bucketed Iallreduce), then finish()
   shm_sum           SharedMemorySum called directly (the shared-memory reduction alone),
                     when ddtrain.dist.mpi provides it
 The communicator is MPICommunicator as training builds it (watchdog thread included).
