@@ -85,9 +85,9 @@ class DistConfig:
     # a 2-core node: MPICH progresses a nonblocking call only inside MPI calls (ddtrain bench).
     overlap: bool = False
     deterministic: bool = False    # bitwise identical weights for any number of ranks
-    # Reduce and update through the node's shared memory instead of an allreduce (CPU ranks, all on
-    # one node, not deterministic). auto: wherever it applies, the allreduce elsewhere; true:
-    # refuse to start where it cannot apply; false: always the allreduce.
+    # Reduce and update through each node's shared memory instead of an allreduce (CPU, several
+    # ranks on every node and as many on each, not deterministic). auto: wherever it applies, the
+    # allreduce elsewhere; true: refuse to start where it cannot apply; false: always the allreduce.
     shared_memory: Union[bool, Literal["auto"]] = "auto"
     micro_shards: int = 8          # fixed micro-shards per global batch (deterministic mode)
     timeout: Optional[float] = None  # seconds a collective may take (None: from step times)

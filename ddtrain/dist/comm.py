@@ -30,6 +30,7 @@ class Communicator(Protocol):
     size: int
     local_rank: int  # rank among the processes on this node
     local_size: int  # processes on this node
+    ranks_per_node: int | None  # local_size when every node runs that many, else None
     hostname: str
 
     def Allreduce(self, buf) -> None:
@@ -76,6 +77,7 @@ class SingleProcess:
     size = 1
     local_rank = 0
     local_size = 1
+    ranks_per_node = 1
 
     def __init__(self):
         self.hostname = socket.gethostname()

@@ -135,6 +135,10 @@ class MPICommunicator:
         self._local = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self._local.Get_rank()
         self.local_size = self._local.Get_size()
+        # Asked on every rank (a collective no rank may skip): the shared-memory paths need
+        # the same number of ranks on every node (one inter-node communicator per local rank).
+        sizes = set(self._comm.allgather(self.local_size))
+        self.ranks_per_node = self.local_size if len(sizes) == 1 else None
         self.hostname = socket.gethostname()
         self.timeout = timeout
         self.step = -1
@@ -146,12 +150,10 @@ class MPICommunicator:
         self._staging: dict[tuple[int, int], np.ndarray] = {}
         self._cuda_aware: bool | None = None
         self._closed = False
-        # The shared-memory Allreduce needs the same ranks per node everywhere (one
-        # inter-node communicator per local rank); every rank takes the same decision.
         self._cross = None
         self._shared_sums: dict[tuple[int, str], SharedMemorySum] = {}
         self._node_windows: list[MPI.Win] = []  # shared_array's windows (NodeShards), freed at close
-        if shared_memory and self.local_size > 1 and len(set(self._comm.allgather(self.local_size))) == 1:
+        if shared_memory and self.ranks_per_node is not None and self.local_size > 1:  # same on every rank
             self._cross = self._comm.Split(self.local_rank, key=self.rank)
         self.watchdog: Watchdog | None = None
         if watchdog and self.size > 1:

@@ -213,8 +213,8 @@ class Trainer:
         elif cfg.dist.deterministic:
             reason = ("and dist.deterministic exclude each other (the shared-memory sum is not bitwise "
                       "reproducible across rank counts): choose one")
-        elif len(set(local_sizes := comm.allgather_obj(comm.local_size))) > 1:  # every rank gets here
-            reason = f"needs as many ranks on every node, not {'/'.join(map(str, sorted(set(local_sizes))))}"
+        elif comm.ranks_per_node is None:
+            reason = "needs as many ranks on every node"
         elif comm.local_size == 1:
             reason = "needs several ranks on a node, but every node runs one"
         else:  # one node, or several with L ranks each: their parts are allreduced between nodes

@@ -10,7 +10,8 @@ then run `docker-compose up` as a user would:
   parallelism over real containers and real TCP changes nothing but speed;
 * 2 ranks on each of node1 and node2 take the hierarchical path (one parameter
   copy per node in shared memory, parts allreduced between the nodes), with
-  the same losses and identical weights on all 4 ranks;
+  the same losses and identical weights on all 4 ranks; 2 ranks on node1 and
+  1 on node2 agree to take the plain allreduce (and do not hang);
 * killing node3's container mid-run ends the job with an error within 30 s
   (no rank left waiting in an allreduce), and the newest checkpoint on the
   shared run volume still loads (`ddtrain evaluate`).
@@ -275,6 +276,21 @@ def test_two_ranks_on_each_of_two_nodes_share_memory_within_a_node(cluster, data
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
     summary = json.loads(cluster.one_off("cat", "/runs/two-by-two/summary.json").stdout)
     assert len(set(summary["param_sha256_per_rank"])) == 1, summary["param_sha256_per_rank"]
+
+
+def test_unequal_ranks_per_node_take_the_allreduce(cluster, timings):
+    """2 ranks on node1, 1 on node2: shared memory cannot apply (one part per local rank needs
+    as many ranks on every node); every rank must decide so together and train, not hang."""
+    t0 = time.monotonic()
+    up = cluster.compose("up", "--no-build", "--no-color", "--exit-code-from", "node1", timeout=600, check=False,
+                         env={"DDTRAIN_TRAIN_ARGS": " ".join([*TRAIN_ARGS, "--epochs", "1"]),
+                              "DDTRAIN_RUN": "two-and-one", "DDTRAIN_NP": "3",
+                              "DDTRAIN_HOSTS": "node1:2,node2:1"})
+    timings["cluster start + 2+1-rank training (docker-compose up)"] = time.monotonic() - t0
+    log = up.stdout + up.stderr
+    assert up.returncode == 0, f"docker-compose up exited with {up.returncode}:\n{log[-6000:]}"
+    assert re.search(r"ranks: 0@node1 1@node1 2@node2", log), log[-6000:]
+    assert "gradient sync: MPI allreduce, blocking" in log, log[-6000:]
 
 
 def test_killed_node_ends_job_and_last_checkpoint_loads(cluster, timings):

@@ -68,6 +68,7 @@ with abort_on_exception(comm):
 
     assert 0 <= comm.local_rank < comm.local_size <= size
     assert sum(comm.allgather_obj(comm.local_size == size)) in (0, size)
+    assert comm.ranks_per_node == comm.local_size  # one node here: every node runs local_size ranks
     comm.set_step(3)
     comm.Barrier()
 if rank == 0:
