@@ -301,18 +301,23 @@ def rotate(items: list, k: int) -> list:
     return items[k:] + items[:k]
 
 
-def section_single(r: Runner, setting: dict, impls: list[str], samples: int) -> dict:
+def section_single(r: Runner, setting: dict, impls: list[str], samples: int, batches=None,
+                   device: str = "cpu") -> dict:
+    """One process: ddtrain (on `device`) against the reference loops `impls`, at each batch size
+    (`batches`, default --batches); medians over rounds and ratios paired within a round."""
     o = r.opts
-    runs = {b: {i: [] for i in impls} for b in o.batches}
+    batches = batches or o.batches
+    runs = {b: {i: [] for i in impls} for b in batches}
     for rnd in range(o.rounds):
-        for b in o.batches:
+        for b in batches:
             for impl in rotate(impls, rnd):
-                res = r.ddtrain(setting, b, samples) if impl == "ddtrain" else r.loop(setting, impl, b, samples)
+                res = (r.ddtrain(setting, b, samples, device=device) if impl == "ddtrain"
+                       else r.loop(setting, impl, b, samples))
                 runs[b][impl].append(res)
                 r.echo(f"  [{setting['label']}] round {rnd + 1}/{o.rounds} batch {b} {impl}: "
                        f"{res['samples_per_second']:,.0f} samples/s")
     out = {}
-    for b in o.batches:
+    for b in batches:
         cell = {}
         for impl in impls:
             rs = runs[b][impl]
@@ -449,29 +454,14 @@ def gpu_devices(python: str) -> dict:
 
 
 def section_gpu(r: Runner, setting: dict) -> dict:
+    """The single-process comparison on one GPU: {"devices", "single"} or {"devices", "skipped"}."""
     devices = gpu_devices(r.python)
     if not isinstance(devices["cupy"], int) or devices["cupy"] < 1:
         return {"skipped": f"no GPU for ddtrain (CuPy: {devices['cupy']})", "devices": devices}
     impls = ["ddtrain"] + (["torch-cuda"] if isinstance(devices["torch"], int) and devices["torch"] > 0 else [])
     batches = [b for b in GPU_BATCHES if 3 * b <= r.opts.samples] or [min(GPU_BATCHES)]
-    runs = {b: {i: [] for i in impls} for b in batches}
-    for rnd in range(r.opts.rounds):
-        for b in batches:
-            samples = r.opts.samples // b * b
-            for impl in rotate(impls, rnd):
-                res = (r.ddtrain(setting, b, samples, device="gpu") if impl == "ddtrain"
-                       else r.loop(setting, impl, b, samples))
-                runs[b][impl].append(res)
-                r.echo(f"  [gpu] round {rnd + 1}/{r.opts.rounds} batch {b} {impl}: "
-                       f"{res['samples_per_second']:,.0f} samples/s")
-    out = {"devices": devices}
-    for b in batches:
-        cell = {i: summarize([x["samples_per_second"] for x in runs[b][i]]) for i in impls}
-        if "torch-cuda" in impls:
-            cell["ddtrain/torch-cuda"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
-                                                    for a, c in zip(runs[b]["ddtrain"], runs[b]["torch-cuda"])])
-        out[str(b)] = cell
-    return out
+    samples = r.opts.samples // max(batches) * max(batches)
+    return {"devices": devices, "single": section_single(r, setting, impls, samples, batches, device="gpu")}
 
 
 # ------------------------------------------------------------------------------ goals and table
@@ -531,20 +521,10 @@ def format_table(result: dict) -> str:
         lines.append("")
         lines.append(f"== BLAS {s['label']}")
         if "single" in s:
-            impls = [i for i in IMPLS if any(i in c for c in s["single"].values())]
-            others = [i for i in impls if i != "ddtrain"]
-            head = ["batch"] + [f"{i} samples/s" for i in impls] + [f"ddtrain/{i}" for i in others]
-            rows = []
-            for b, c in s["single"].items():
-                rows.append([b] + [_cell(c.get(i)) for i in impls]
-                            + [_cell(c.get(f"ddtrain/{i}"), "{:.2f}x") for i in others])
-            rows.append(["RSS MB"] + [_f(max(c[i]["peak_rss_mb"] for c in s["single"].values()), "{:.0f}")
-                                      for i in impls] + [""] * len(others))
-            first = next(iter(s["single"].values()))
-            rows.append(["loss"] + [_f(first[i]["check_loss"], "{:.6f}") for i in impls] + [""] * len(others))
             lines += [f"single process, 1 BLAS thread (loss: the mean loss of step "
                       f"{Runner.log_every(int(next(iter(s['single']))), result['samples'])}, batch "
-                      f"{next(iter(s['single']))}: the same training computes the same loss)"] + _grid(head, rows)
+                      f"{next(iter(s['single']))}: the same training computes the same loss)"]
+            lines += _single_table(s["single"])
         if "ranks" in s:
             head = ["per-rank batch"] + list(RANK_VARIANTS)
             rows = [[b] + [_cell(c[v]) for v in RANK_VARIANTS] for b, c in s["ranks"].items()]
@@ -580,12 +560,7 @@ def format_table(result: dict) -> str:
         if "skipped" in gpu:
             lines += ["", f"gpu: skipped: {gpu['skipped']}"]
         else:
-            impls = [k for k in next(v for k, v in gpu.items() if k != "devices") if "/" not in k]
-            head = ["gpu batch"] + [f"{i} samples/s" for i in impls] + (["ddtrain/torch-cuda"] if "torch-cuda" in impls else [])
-            rows = [[b] + [_cell(c[i]) for i in impls] + ([_cell(c["ddtrain/torch-cuda"], "{:.2f}x")]
-                                                          if "torch-cuda" in impls else [])
-                    for b, c in gpu.items() if b != "devices"]
-            lines += ["", "one GPU"] + _grid(head, rows)
+            lines += ["", "one GPU"] + _single_table(gpu["single"])
     st = result.get("startup")
     if st:
         lines += ["", f"startup: ddtrain --help {_cell(st['help_seconds'], '{:.3f} s')}; first training step "
@@ -597,6 +572,21 @@ def format_table(result: dict) -> str:
                 for g in by_setting["goals"]]
         lines += _grid(["goal", "target", "figure", ""], rows)
     return "\n".join(lines)
+
+
+def _single_table(cells: dict) -> list[str]:
+    """section_single's {batch: cell} as rows: samples/s of each implementation, ratios of
+    ddtrain to the others, peak RSS, and the check loss (the same training gives the same)."""
+    impls = [k for k in next(iter(cells.values())) if "/" not in k]
+    others = [i for i in impls if i != "ddtrain"]
+    head = ["batch"] + [f"{i} samples/s" for i in impls] + [f"ddtrain/{i}" for i in others]
+    rows = [[b] + [_cell(c.get(i)) for i in impls] + [_cell(c.get(f"ddtrain/{i}"), "{:.2f}x") for i in others]
+            for b, c in cells.items()]
+    rows.append(["RSS MB"] + [_f(max(c[i]["peak_rss_mb"] for c in cells.values()), "{:.0f}") for i in impls]
+                + [""] * len(others))
+    first = next(iter(cells.values()))
+    rows.append(["loss"] + [_f(first[i]["check_loss"], "{:.6f}") for i in impls] + [""] * len(others))
+    return _grid(head, rows)
 
 
 def _grid(head: list[str], rows: list[list[str]]) -> list[str]:

@@ -47,7 +47,7 @@ def test_quick_single_process_sections(tmp_path):
     assert positive(result["startup"]["help_seconds"]["median"])
     assert positive(result["startup"]["first_step_seconds"]["1 rank"]["median"])
     gpu = result["gpu"]  # the GPU entry: figures where CuPy sees a GPU, else the reason it has none
-    assert ("skipped" in gpu and "no GPU for ddtrain" in table) or positive(gpu["256"]["ddtrain"]["median"])
+    assert ("skipped" in gpu and "no GPU for ddtrain" in table) or positive(gpu["single"]["256"]["ddtrain"]["median"])
     assert [g["goal"] for g in result["goals"]] == [g[0] for g in GOALS]
     assert "goals (issue 6)" in table and "ddtrain/numpy" in table
 
