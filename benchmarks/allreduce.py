@@ -14,7 +14,7 @@ a call's time is the slowest rank's. Rank 0 prints one JSON line: the median mic
   ddtrain_overlap   the reducer with dist.overlap=true: grads_ready(offset) for each layer,
                     last first (bucketed Iallreduce), then finish()
   shm_sum           SharedMemorySum called directly (the shared-memory reduction alone),
-                    when ddtrain.dist.mpi provides it
+                    when ddtrain.parallel.mpi provides it
 The communicator is MPICommunicator as training builds it (watchdog thread included).
 """
 
@@ -36,8 +36,8 @@ def main() -> None:
     args = p.parse_args()
 
     from ddtrain.config import load_config
-    from ddtrain.dist.mpi import MPICommunicator
-    from ddtrain.dist.reducer import GradientReducer
+    from ddtrain.parallel.mpi import MPICommunicator
+    from ddtrain.parallel.reducer import GradientReducer
     from ddtrain.engine.model import build_model
 
     cfg = load_config(args.config)
@@ -67,7 +67,7 @@ def main() -> None:
         "ddtrain_blocking": lambda: reducer_step(blocking),
     }
     try:
-        from ddtrain.dist.mpi import SharedMemorySum
+        from ddtrain.parallel.mpi import SharedMemorySum
     except ImportError:
         SharedMemorySum = None
     if SharedMemorySum is not None:

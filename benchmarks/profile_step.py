@@ -45,13 +45,13 @@ def main() -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
 
-    from ddtrain.dist.threads import configure_threads
+    from ddtrain.parallel.threads import configure_threads
     configure_threads(args.threads)  # before numpy loads
     import numpy as np
 
     from ddtrain.backend import Backend
     from ddtrain.config import load_config
-    from ddtrain.dist import world
+    from ddtrain.parallel import world
     from ddtrain.train.trainer import Trainer
 
     state = {"on": False, "cat": None}

@@ -127,11 +127,11 @@ def _prepare_run_dir(path: Path, resume: str | None, overwrite: bool) -> None:
 def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_dir, resume, overwrite,
           train_samples, threads, timeout, deterministic, tensorboard_dir, chaos, sets):
     """Train a model (the default: configs/mlp.yaml) and write metrics and checkpoints."""
-    from ddtrain.dist.threads import configure_threads
+    from ddtrain.parallel.threads import configure_threads
     n_threads = configure_threads(threads)  # before numpy is imported
     from ddtrain.backend import resolve_backend
     from ddtrain.config import load_config
-    from ddtrain.dist import world
+    from ddtrain.parallel import world
 
     overrides = {k: v for k, v in {
         "train.epochs": epochs, "train.batch_size": batch_size, "optimizer.lr": lr, "train.seed": seed,
@@ -170,7 +170,7 @@ def _guard(comm):
     if comm.size == 1:
         from contextlib import nullcontext
         return nullcontext()
-    from ddtrain.dist import abort_on_exception
+    from ddtrain.parallel import abort_on_exception
     return abort_on_exception(comm, debug=Context.debug)
 
 

@@ -16,7 +16,7 @@ mpi4py's MPI_Get_library_version. The flavours' flags:
 
 Each rank runs ``sys.executable -m ddtrain <command...>``, so every host needs the same
 Python environment at the same path (the docker cluster does). DDTRAIN_* variables are
-forwarded; BLAS threads are decided by each rank (ddtrain.dist.threads, from the launcher's
+forwarded; BLAS threads are decided by each rank (ddtrain.parallel.threads, from the launcher's
 ranks-on-this-node variable) unless ``--threads`` is given, which is forwarded as
 DDTRAIN_THREADS.
 

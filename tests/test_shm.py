@@ -1,4 +1,4 @@
-"""ddtrain.dist.shm: the part arithmetic (pure), buffer moves, and NodeShards' reduction over a
+"""ddtrain.parallel.shm: the part arithmetic (pure), buffer moves, and NodeShards' reduction over a
 real MPICommunicator under mpiexec. The sharded step inside `ddtrain train` (the default on one
 node) is tested end to end in tests/train/test_shared_memory.py.
 """
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ddtrain.dist.shm import ALIGN_BYTES, part_bounds
+from ddtrain.parallel.shm import ALIGN_BYTES, part_bounds
 from tests.helpers import PYTHON, REPO, mpiexec
 
 
@@ -54,8 +54,8 @@ def test_use_buffers_moves_parameters_and_rebinds_every_layer():
 FLAGS_SCRIPT = """
 import sys
 import numpy as np
-from ddtrain.dist.mpi import MPICommunicator
-from ddtrain.dist.shm import NodeShards
+from ddtrain.parallel.mpi import MPICommunicator
+from ddtrain.parallel.shm import NodeShards
 from ddtrain.engine.model import build_model
 from ddtrain.engine.optim import make_optimizer
 

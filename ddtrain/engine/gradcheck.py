@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ddtrain.backend import CPU
+from ddtrain.engine.context import single_batch
 from ddtrain.engine.layers import Layer
 from ddtrain.engine.losses import Loss, make_loss
 from ddtrain.engine.model import build_model
@@ -89,7 +90,7 @@ def check_layer(layer: Layer, in_shape: tuple, batch: int = 3, seed: int = 0,
     layer.xp, layer.index, layer.needs_input_grad = np, 0, True
     layer.bind(flat.params, flat.grads)
     flat.data[...] = 0.5 * rng.standard_normal(flat.size)
-    layer.set_batch_context(seed, 0, 0, batch)
+    layer.set_batch_context(single_batch(seed, 0, batch))
     x = _away_from_kinks(rng.standard_normal((batch, *in_shape)))
     dy = rng.standard_normal((batch, *layer.output_shape(in_shape)))
 
@@ -149,7 +150,7 @@ def check_model(layer_specs: list[dict], in_shape: tuple, loss_name: str = "cros
     x = _away_from_kinks(rng.standard_normal((batch, *model.in_shape)))
     labels = rng.integers(0, classes, batch)
     scale = 1.0 / batch
-    model.set_batch_context(seed, 0, 0, batch)
+    model.set_batch_context(single_batch(seed, 0, batch))
 
     loss.forward(model.forward(x, train=True), labels)
     dx = np.array(model.backward(loss.backward(scale)))

@@ -9,6 +9,13 @@ Contract every layer keeps (Sequential and gradcheck rely on it):
   * ``backward(dy)`` OVERWRITES this layer's gradients with those of this batch
     (no ``+=``: one backward per step, zeroing is not needed) and returns dx,
     or None when ``needs_input_grad`` is False (the model's first layer);
+  * buffers (state that is not trained, e.g. BatchNorm's running statistics) are declared by
+    name, shape and dtype (`buffer_shapes`) and handed in as arrays of the model's buffer
+    store (`bind_buffers`), outside the flat parameter buffer: they get no gradient, no
+    optimizer and no allreduce, but are checkpointed and broadcast at start;
+  * before each training forward the layer gets the step's `BatchContext`
+    (ddtrain.engine.context): where its rows sit in the global batch (Dropout), and sums
+    over the global batch (BatchNorm);
   * forward keeps only what backward needs (Linear keeps x, ReLU/Tanh/Sigmoid their
     output, Dropout its mask);
   * arrays returned by forward/backward are buffers the layer owns and reuses for
@@ -26,6 +33,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ddtrain.engine.context import BatchContext
 
 INIT_SCHEMES = ("pytorch", "he", "xavier")
 
@@ -73,15 +82,26 @@ class Layer:
     def output_shape(self, in_shape: tuple) -> tuple:
         return tuple(in_shape)
 
+    def buffer_shapes(self, in_shape: tuple) -> dict[str, tuple[tuple, str]]:
+        """{name: (shape, dtype)} of this layer's buffers (not trained; see the module docstring)."""
+        return {}
+
     def bind(self, params: dict, grads: dict) -> None:
         """Take views of the flat buffers, keys as in `param_shapes`."""
         self.params, self.grads = params, grads
 
+    def bind_buffers(self, buffers: dict) -> None:
+        """Take the model's buffer arrays, keys as in `buffer_shapes` (filled by init_buffers)."""
+        self.buffers = buffers
+
+    def init_buffers(self) -> None:
+        """Fill the bound buffers with their initial values (BatchNorm: mean 0, var 1)."""
+
     def init_params(self, rng: np.random.Generator, scheme: str) -> None:
         """Fill the bound parameter views in place, drawing from the host `rng`."""
 
-    def set_batch_context(self, seed: int, step: int, offset: int, global_batch: int) -> None:
-        """Where this batch sits in the global batch (only Dropout cares)."""
+    def set_batch_context(self, ctx: BatchContext) -> None:
+        """The step's batch context (Dropout: where its rows sit; BatchNorm: global sums)."""
 
     # -- computation -----------------------------------------------------------------
     def forward(self, x, train: bool):
@@ -287,15 +307,15 @@ class Dropout(Layer):
         self._ctx = None
         self._mask = None
 
-    def set_batch_context(self, seed, step, offset, global_batch):
-        self._ctx = (int(seed), int(step), int(offset), int(global_batch))
+    def set_batch_context(self, ctx):
+        self._ctx = ctx
 
     def host_mask(self, n: int, features: tuple, dtype) -> np.ndarray:
         """The (n, *features) host mask (values 0 or 1/(1-p)) for this rank's rows."""
         if self._ctx is None:
-            raise RuntimeError("Dropout.forward(train=True) before set_batch_context(seed, step, "
-                               "offset, global_batch): call model.set_batch_context each step")
-        seed, step, offset, global_batch = self._ctx
+            raise RuntimeError("Dropout.forward(train=True) before set_batch_context(ctx): call "
+                               "model.set_batch_context each step")
+        seed, step, offset, global_batch = self._ctx.seed, self._ctx.step, self._ctx.offset, self._ctx.global_batch
         if offset < 0 or offset + n > global_batch:
             raise ValueError(f"rows [{offset}, {offset + n}) lie outside the global batch of {global_batch}")
         per_row = math.prod(features)

@@ -1,5 +1,9 @@
 """Sequential: layers in a row over one flat parameter buffer.
 
+Buffers (state that is not trained: BatchNorm's running statistics) live in `buffers`, a store
+of their own named like the parameters (``f"{i}.{name}"``), outside the flat buffers: no
+gradient, no optimizer, no allreduce. `state_dict()` holds both, in PyTorch's names.
+
 The parameter layout is fixed by the layer list and input shape alone: tensors named
 ``f"{i}.{name}"`` (i = index in the layer list, as torch.nn.Sequential names them, so
 a Flatten-Linear-ReLU-... model has PyTorch's state-dict keys), in forward order. It is
@@ -53,6 +57,16 @@ class Sequential:
         self.out_shape = shape
         self.shapes = shapes  # per-sample output shape of each layer
         self.params = FlatParams(specs, backend, dtype)
+        # Buffers: one device array each, bound to its layer; initialised by the layer.
+        self.buffers: dict[str, object] = {}
+        shape = self.in_shape
+        for i, layer in enumerate(self.layers):
+            mine = {}
+            for name, (bshape, bdtype) in layer.buffer_shapes(shape).items():
+                mine[name] = self.buffers[f"{i}.{name}"] = backend.xp.zeros(bshape, dtype=bdtype)
+            layer.bind_buffers(mine)
+            layer.init_buffers()
+            shape = self.shapes[i]
         self._first_offset: dict[int, int] = {}  # layer index -> its first flat-buffer index
         for slot in self.params.slots:
             i, name = slot.name.split(".", 1)
@@ -88,14 +102,53 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             layer.needs_input_grad = self._input_grad or i > self._stop
 
-    def set_batch_context(self, seed: int, step: int, offset: int, global_batch: int) -> None:
-        """Tell the layers which rows of which global batch come next (Dropout's masks).
-
-        seed: the run's seed; step: optimizer steps done; offset: index of this rank's first
-        sample in the global batch; global_batch: the global batch size.
-        """
+    def set_batch_context(self, ctx) -> None:
+        """Give every layer the next training batch's `BatchContext` (ddtrain.engine.context):
+        which rows of which global batch come next (Dropout's masks), and how to sum over
+        that batch (BatchNorm's statistics)."""
         for layer in self.layers:
-            layer.set_batch_context(seed, step, offset, global_batch)
+            layer.set_batch_context(ctx)
+
+    # -- state: parameters and buffers, by PyTorch's names ------------------------------
+    def buffers_state_dict(self) -> dict[str, np.ndarray]:
+        """Host copies of every buffer by name."""
+        return {k: np.array(self.backend.to_host(v)) for k, v in self.buffers.items()}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Parameters and buffers by name, as host arrays (what torch's state_dict holds)."""
+        return {**self.params.state_dict(), **self.buffers_state_dict()}
+
+    def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
+        """Copy parameters and buffers in (in place); names and shapes must match exactly."""
+        params = {k: v for k, v in tensors.items() if k not in self.buffers}
+        self.params.load_state_dict(params)
+        for name, buf in self.buffers.items():
+            if name not in tensors:
+                raise ValueError(f"parameter names differ: missing buffer {name!r}")
+            t = np.asarray(tensors[name])
+            if tuple(t.shape) != tuple(buf.shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)} in the file, {tuple(buf.shape)} in the model")
+            buf[...] = self.backend.from_host(t.astype(buf.dtype))
+
+    def shapes_by_name(self) -> dict[str, tuple]:
+        """{name: shape} of every parameter and buffer (what a checkpoint must match)."""
+        out = {s.name: s.shape for s in self.params.slots}
+        out.update({k: tuple(v.shape) for k, v in self.buffers.items()})
+        return out
+
+    def layout_signature(self) -> str:
+        """Parameter layout plus buffer names and shapes: equal on ranks that built the same model."""
+        import hashlib
+        extra = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in self.buffers.items())
+        return hashlib.sha256((self.params.layout_signature() + extra).encode()).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """sha256 of the parameter bytes and then every buffer's: equal on bitwise-equal models."""
+        import hashlib
+        h = hashlib.sha256(bytes.fromhex(self.params.fingerprint()))
+        for v in self.buffers.values():
+            h.update(np.ascontiguousarray(self.backend.to_host(v)).tobytes())
+        return h.hexdigest() if self.buffers else self.params.fingerprint()
 
     def forward(self, x, train: bool):
         """x: (N, *in_shape) of the model's dtype -> logits (N, *out_shape) (a reused buffer)."""

@@ -74,7 +74,7 @@ class FlatParams:
         self.grads = {s.name: grad[s.start:s.stop].reshape(s.shape) for s in self.slots}
 
     def use_buffers(self, data, grad, copy_data: bool = True) -> None:
-        """Move to other flat buffers (e.g. node shared memory, see ddtrain.dist.shm).
+        """Move to other flat buffers (e.g. node shared memory, see ddtrain.parallel.shm).
 
         data, grad: 1-D arrays of `size` elements and this dtype. The current parameters are
         copied into `data` when `copy_data` (False: another process fills it), `grad` is
@@ -92,7 +92,7 @@ class FlatParams:
 
     def part(self, start: int, stop: int) -> FlatPart:
         """The flat range [start, stop) of both buffers, as an optimizer's `params` (it updates
-        only that range: one rank's share of a node's update, see ddtrain.dist.shm)."""
+        only that range: one rank's share of a node's update, see ddtrain.parallel.shm)."""
         if not 0 <= start <= stop <= self.size:
             raise ValueError(f"part [{start}, {stop}) is outside the {self.size} parameters")
         return FlatPart(self.data[start:stop], self.grad[start:stop], stop - start, self.backend, start)

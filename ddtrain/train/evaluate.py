@@ -39,7 +39,7 @@ def evaluate_checkpoint(path: Path, data_dir=None, device: str = "auto", warn=pr
     from ddtrain.backend import resolve_backend
     from ddtrain.config import config_from_dict
     from ddtrain.data.datasets import load_dataset
-    from ddtrain.dist.comm import SingleProcess
+    from ddtrain.parallel.comm import SingleProcess
     from ddtrain.engine.losses import make_loss
     from ddtrain.engine.model import build_model
     from ddtrain.errors import CheckpointError

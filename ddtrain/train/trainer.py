@@ -16,7 +16,7 @@ weights are bitwise identical for any number of ranks.
 Shared memory (`dist.shared_memory`, by default wherever it applies: CPU, several ranks on each
 node and as many on every node, not deterministic): the parameters live once in each node's
 shared memory and each rank's backward writes its own gradient slot there; steps 3-5 become
-ddtrain.dist.shm.NodeShards: each rank sums its part of the flat vector over the node's slots
+ddtrain.parallel.shm.NodeShards: each rank sums its part of the flat vector over the node's slots
 (and allreduces that part with its peers on the other nodes), updates it, then a node sync
 publishes it. Same training as the allreduce path to float32 rounding; `gradient_sync` says
 which path a job took.
@@ -43,8 +43,9 @@ from ddtrain.config import Config
 from ddtrain.data.datasets import load_dataset, normalize_batch
 from ddtrain.data.order import (epoch_permutation, global_batch_indices, micro_shards,
                                 rank_micro_shards, rank_slice, steps_per_epoch)
-from ddtrain.dist.reducer import GradientReducer
-from ddtrain.dist.shm import NodeShards
+from ddtrain.parallel.reducer import GradientReducer
+from ddtrain.parallel.shm import NodeShards
+from ddtrain.engine.context import BatchContext
 from ddtrain.engine.losses import make_loss
 from ddtrain.engine.model import build_model
 from ddtrain.engine.optim import make_optimizer
@@ -438,11 +439,11 @@ class Trainer:
         batch = global_batch_indices(perm, c.step_in_epoch, cfg.train.batch_size, self.n_train,
                                      cfg.data.drop_last)
         B = len(batch)
-        self.model.set_batch_context(cfg.train.seed, c.step, 0, B)
+        self.model.set_batch_context(BatchContext(cfg.train.seed, c.step, 0, B))
         if cfg.dist.deterministic:
             return self._deterministic_step(batch, timer, t0)
         start, stop = rank_slice(B, self.comm.rank, self.comm.size)
-        self.model.set_batch_context(cfg.train.seed, c.step, start, B)
+        self.model.set_batch_context(BatchContext(cfg.train.seed, c.step, start, B))
         x, y = self._batch(batch[start:stop])
         t1 = time.perf_counter()
         reducer = self.reducer  # None with shared memory: fit() reduces, after its non-finite check
@@ -470,7 +471,7 @@ class Trainer:
         for a, b in mine:
             if a == b:  # a short last batch leaves some micro-shards empty: they add nothing
                 continue
-            self.model.set_batch_context(self.cfg.train.seed, self.cursor.step, a, B)
+            self.model.set_batch_context(BatchContext(self.cfg.train.seed, self.cursor.step, a, B))
             x, y = self._batch(batch[a:b])
             t1 = time.perf_counter()
             ls, cr, t2 = self._forward_backward(x, y, 1.0 / B)

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
+from ddtrain.engine.context import BatchContext
 from ddtrain.engine.gradcheck import check_layer
 from ddtrain.engine.layers import Dropout, Flatten, Linear, ReLU, Sigmoid, Tanh
 from ddtrain.engine.model import Sequential
@@ -132,7 +133,7 @@ def dropout_at(index, p=0.3):
 def test_dropout_mask_is_the_documented_row_of_the_global_draw():
     seed, step, index, global_batch, p = 7, 11, 2, 10, 0.3
     drop = dropout_at(index, p)
-    drop.set_batch_context(seed, step, 0, global_batch)
+    drop.set_batch_context(BatchContext(seed, step, 0, global_batch))
     mask = drop.host_mask(global_batch, (6,), np.float64)
     u = np.random.default_rng([seed, step, index]).random((global_batch, 6))
     np.testing.assert_array_equal(mask, np.where(u >= p, 1 / (1 - p), 0.0))
@@ -144,12 +145,12 @@ def test_dropout_masks_do_not_depend_on_how_the_batch_is_split(splits):
     seed, step, global_batch = 1, 4, 10
     x = np.random.default_rng(0).standard_normal((global_batch, 6)) + 5.0  # no zeros
     full = dropout_at(1)
-    full.set_batch_context(seed, step, 0, global_batch)
+    full.set_batch_context(BatchContext(seed, step, 0, global_batch))
     expected = full.forward(x, train=True).copy()
     offset, parts = 0, []
     for n in splits:
         rank_layer = dropout_at(1)
-        rank_layer.set_batch_context(seed, step, offset, global_batch)
+        rank_layer.set_batch_context(BatchContext(seed, step, offset, global_batch))
         parts.append(rank_layer.forward(x[offset:offset + n], train=True).copy())
         offset += n
     np.testing.assert_array_equal(np.concatenate(parts), expected)
@@ -158,11 +159,11 @@ def test_dropout_masks_do_not_depend_on_how_the_batch_is_split(splits):
 def test_dropout_scales_kept_units_changes_per_step_and_is_identity_in_eval():
     drop = dropout_at(0, p=0.5)
     x = np.ones((200, 6))
-    drop.set_batch_context(0, 0, 0, 200)
+    drop.set_batch_context(BatchContext(0, 0, 0, 200))
     y0 = drop.forward(x, train=True).copy()
     assert set(np.unique(y0)) == {0.0, 2.0}
     assert 0.4 < (y0 == 0).mean() < 0.6
-    drop.set_batch_context(0, 1, 0, 200)
+    drop.set_batch_context(BatchContext(0, 1, 0, 200))
     assert not np.array_equal(drop.forward(x, train=True), y0)
     assert drop.forward(x, train=False) is x
     assert drop.backward(x) is x
@@ -175,6 +176,6 @@ def test_dropout_without_a_batch_context_says_what_to_call():
 
 def test_dropout_rejects_rows_outside_the_global_batch():
     drop = dropout_at(0)
-    drop.set_batch_context(0, 0, 8, 10)
+    drop.set_batch_context(BatchContext(0, 0, 8, 10))
     with pytest.raises(ValueError, match="outside the global batch"):
         drop.forward(np.ones((4, 6)), train=True)

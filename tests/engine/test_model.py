@@ -5,6 +5,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from ddtrain.engine.context import BatchContext
 from ddtrain.engine.losses import make_loss
 from ddtrain.engine.model import build_model
 from ddtrain.engine.optim import make_optimizer
@@ -37,7 +38,7 @@ def test_layer_views_share_the_flat_buffers_before_and_after_a_step():
     x, y = batch(6, dtype=np.float32)
     loss, opt = make_loss("cross_entropy"), make_optimizer("sgd", model.params, momentum=0.9)
     for step in range(2):
-        model.set_batch_context(0, step, 0, 6)
+        model.set_batch_context(BatchContext(0, step, 0, 6))
         loss.forward(model.forward(x, train=True), y)
         model.backward(loss.backward(1 / 6))
         opt.step(0.1)
@@ -56,7 +57,7 @@ def test_same_seed_same_weights_other_seed_other_weights():
 
 def run_backward(model, x, y, scale, on_grads_ready=None, step=0, offset=0, global_batch=None):
     loss = make_loss("cross_entropy")
-    model.set_batch_context(3, step, offset, global_batch or len(x))
+    model.set_batch_context(BatchContext(3, step, offset, global_batch or len(x)))
     loss.forward(model.forward(x, train=True), y)
     return model.backward(loss.backward(scale), on_grads_ready)
 
@@ -197,7 +198,7 @@ def test_gpu_step_matches_cpu_step(loss_name, opt_name):
     for backend in (CPU, gpu):
         model = build_model(SMALL, (4, 3), backend, seed=4)
         loss, opt = make_loss(loss_name, backend), make_optimizer(opt_name, model.params)
-        model.set_batch_context(1, 0, 0, 6)
+        model.set_batch_context(BatchContext(1, 0, 0, 6))
         value = loss.forward(model.forward(backend.from_host(x), train=True), backend.from_host(y))
         model.backward(loss.backward(1 / 6))
         opt.step(0.1)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from ddtrain.dist.mpi import MPICommunicator
+from ddtrain.parallel.mpi import MPICommunicator
 
 sizes = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [669_706]
 repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 200

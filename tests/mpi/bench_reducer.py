@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from ddtrain.dist.mpi import MPICommunicator
-from ddtrain.dist.reducer import GradientReducer
+from ddtrain.parallel.mpi import MPICommunicator
+from ddtrain.parallel.reducer import GradientReducer
 from ddtrain.engine.losses import LOSSES
 from ddtrain.engine.model import build_model
 

@@ -1,4 +1,4 @@
-"""Communicator collectives at any world size (run by tests/dist/test_mpi.py under mpiexec -n K).
+"""Communicator collectives at any world size (run by tests/parallel/test_mpi.py under mpiexec -n K).
 
 Every rank checks the results itself and an assertion failure aborts the job (non-zero);
 rank 0 prints "collectives ok N" at the end.
@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-from ddtrain.dist import abort_on_exception, world
-from ddtrain.dist.mpi import MPI, MPICommunicator, SharedMemorySum
+from ddtrain.parallel import abort_on_exception, world
+from ddtrain.parallel.mpi import MPI, MPICommunicator, SharedMemorySum
 
 comm = world()
 if comm.size == 1:  # world() gives SingleProcess at size 1: test the MPI implementation anyway

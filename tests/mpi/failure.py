@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ddtrain.dist import abort_on_exception, world
+from ddtrain.parallel import abort_on_exception, world
 
 mode, bad_rank, bad_step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 timeout = float(sys.argv[4]) if len(sys.argv) > 4 else None

@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 
-from ddtrain.dist import abort_on_exception, world
-from ddtrain.dist.mpi import MPICommunicator
-from ddtrain.dist.reducer import GradientReducer
+from ddtrain.parallel import abort_on_exception, world
+from ddtrain.parallel.mpi import MPICommunicator
+from ddtrain.parallel.reducer import GradientReducer
 from ddtrain.engine.params import FlatParams
 
 N_SHARDS, P = 12, 5000

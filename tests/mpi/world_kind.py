@@ -2,7 +2,7 @@
 
 import sys
 
-from ddtrain.dist import world
+from ddtrain.parallel import world
 
 comm = world()
 print(f"world {comm.rank}/{comm.size} {type(comm).__name__} mpi4py={'mpi4py' in sys.modules};", flush=True)

@@ -1,4 +1,4 @@
-"""`dist.shared_memory`: the node-shared-memory step (ddtrain.dist.shm) inside the real trainer.
+"""`dist.shared_memory`: the node-shared-memory step (ddtrain.parallel.shm) inside the real trainer.
 
 Real `ddtrain train` jobs under mpiexec on the real dataset. The sharded step is the same
 training as one process, summed in another order: 2 and 3 ranks must give every step's loss
@@ -133,7 +133,7 @@ def test_refused_with_deterministic_mode(tmp_path):
 
 NODE_SYNC_HANG = """
 import time
-from ddtrain.dist.mpi import MPICommunicator
+from ddtrain.parallel.mpi import MPICommunicator
 comm = MPICommunicator(timeout=2.0)
 a = comm.shared_array((4,), "float32")
 comm.set_step(7)

@@ -1,6 +1,6 @@
 """The watchdog's timing policy (pure); its behaviour under MPI is in test_mpi.py."""
 
-from ddtrain.dist.watchdog import (DEADLINE_FLOOR, HEARTBEAT_TIMEOUT, STARTUP_DEADLINE, collective_deadline,
+from ddtrain.parallel.watchdog import (DEADLINE_FLOOR, HEARTBEAT_TIMEOUT, STARTUP_DEADLINE, collective_deadline,
                                    heartbeat_timeout)
 
 

@@ -10,7 +10,7 @@ Rules every implementation keeps (and every caller relies on):
   * reductions are sums unless said otherwise; in-place calls overwrite ``buf``;
   * after ``Allreduce`` every rank holds bitwise the same result.
 
-`world()` (in ddtrain.dist) picks the implementation; only ddtrain/dist/mpi.py imports mpi4py.
+`world()` (in ddtrain.parallel) picks the implementation; only ddtrain/parallel/mpi.py imports mpi4py.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from ddtrain.dist import UNKNOWN_SIZE, abort_on_exception, exit_code_of, failure_message, launched_size
-from ddtrain.dist.comm import SingleProcess
+from ddtrain.parallel import UNKNOWN_SIZE, abort_on_exception, exit_code_of, failure_message, launched_size
+from ddtrain.parallel.comm import SingleProcess
 from ddtrain.errors import ConfigError, DataError
 
 LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
@@ -30,7 +30,7 @@ def test_launched_size():
 
 
 def test_world_outside_mpi_is_single_process_and_never_imports_mpi4py():
-    code = ("import sys; from ddtrain.dist import world; c = world(timeout=5); "
+    code = ("import sys; from ddtrain.parallel import world; c = world(timeout=5); "
             "print(type(c).__name__, c.rank, c.size, 'mpi4py' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True,
                          check=True)
@@ -39,7 +39,7 @@ def test_world_outside_mpi_is_single_process_and_never_imports_mpi4py():
 
 def test_launched_without_mpi4py_says_what_to_install():
     code = ("import sys; sys.modules['mpi4py'] = None\n"  # as if it were not installed
-            "from ddtrain.dist import world\n"
+            "from ddtrain.parallel import world\n"
             "try:\n    world()\nexcept Exception as e:\n    print(type(e).__name__, e)")
     out = subprocess.run([sys.executable, "-c", code], env=_clean_env(PMI_SIZE="2", PMI_RANK="0"),
                          capture_output=True, text=True, check=True)

@@ -1,7 +1,7 @@
 """Which communicator a process uses, and the guard that ends a whole job on one rank's error.
 
 `world()` returns `SingleProcess` unless an MPI launcher started this process with more
-than one rank; only then is ddtrain.dist.mpi (and so mpi4py and the MPI library) imported.
+than one rank; only then is ddtrain.parallel.mpi (and so mpi4py and the MPI library) imported.
 A laptop run therefore never needs MPI, and ``ddtrain train`` outside mpiexec never
 imports mpi4py.
 
@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from ddtrain.dist.comm import Communicator, SingleProcess
+from ddtrain.parallel.comm import Communicator, SingleProcess
 from ddtrain.errors import ConfigError, DDTrainError
 
 __all__ = ["world", "launched_size", "abort_on_exception", "failure_message", "Communicator",
@@ -72,7 +72,7 @@ def world(timeout: float | None = None) -> Communicator:
         _world = SingleProcess()
         return _world
     try:
-        from ddtrain.dist.mpi import MPICommunicator
+        from ddtrain.parallel.mpi import MPICommunicator
     except ImportError as e:
         if e.name is None or not e.name.startswith("mpi4py"):
             raise

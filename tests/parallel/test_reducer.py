@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddtrain.dist.comm import SingleProcess
-from ddtrain.dist.reducer import (INT_BITS, GradientReducer, dequantize, fixed_point_exponent, make_buckets,
+from ddtrain.parallel.comm import SingleProcess
+from ddtrain.parallel.reducer import (INT_BITS, GradientReducer, dequantize, fixed_point_exponent, make_buckets,
                                   quantize_add)
 from ddtrain.engine.params import FlatParams
 

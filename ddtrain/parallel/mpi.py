@@ -1,13 +1,13 @@
-"""MPICommunicator: the Communicator protocol (ddtrain/dist/comm.py) over mpi4py.
+"""MPICommunicator: the Communicator protocol (ddtrain/parallel/comm.py) over mpi4py.
 
-This is the only ddtrain module that imports mpi4py; `ddtrain.dist.world()` imports it only
+This is the only ddtrain module that imports mpi4py; `ddtrain.parallel.world()` imports it only
 when an MPI launcher started the process with more than one rank.
 
 Rules and failure modes (every rank relies on them):
   * Arrays move through buffer methods (``Allreduce`` with MPI.IN_PLACE, ``Iallreduce``,
     ``Bcast``), never pickled; ``*_obj`` methods pickle small Python values.
   * MPI is initialised with thread level MULTIPLE because a watchdog thread per rank
-    (ddtrain/dist/watchdog.py) exchanges heartbeats on its own duplicated communicator while
+    (ddtrain/parallel/watchdog.py) exchanges heartbeats on its own duplicated communicator while
     the main thread sits in a collective. It names a rank that stopped responding, or a
     collective that outlived its deadline, and aborts the job: no rank waits forever.
   * Every blocking collective records its name and start time in two attributes (no lock):
@@ -15,14 +15,14 @@ Rules and failure modes (every rank relies on them):
     each step) is a few attribute writes; it also feeds the step times the default deadline
     is derived from.
   * An uncaught exception on any rank (main or other thread) prints ``rank R: <reason>`` and
-    calls MPI Abort (see ddtrain.dist.abort_on_exception for the CLI's guard).
+    calls MPI Abort (see ddtrain.parallel.abort_on_exception for the CLI's guard).
   * At exit, ranks meet in a Barrier (still watched), stop their watchdogs, then MPI finalises.
   * ``Allreduce`` of a float buffer of SHM_MIN_BYTES or more goes through the node's shared
     memory (`SharedMemorySum`, hierarchical across nodes) when every node runs the same number
     of ranks; MPI's own Allreduce otherwise (and for ``Iallreduce``). Results are bitwise the
     same on every rank either way.
   * The node methods (``shared_array``, ``node_sync``, ``cross_Allreduce``, ``cross_Bcast``,
-    ``local_allgather_obj``) are ddtrain.dist.shm's `Node`: the shared-memory training step
+    ``local_allgather_obj``) are ddtrain.parallel.shm's `Node`: the shared-memory training step
     (``dist.shared_memory``) runs over them. Shared windows are freed at close.
 
 CuPy arrays: passed to MPI directly when the library reports CUDA support
@@ -49,7 +49,7 @@ import mpi4py
 mpi4py.rc.thread_level = "multiple"
 from mpi4py import MPI  # noqa: E402
 
-from ddtrain.dist.watchdog import STEP_RING, Watchdog, collective_deadline, heartbeat_timeout  # noqa: E402
+from ddtrain.parallel.watchdog import STEP_RING, Watchdog, collective_deadline, heartbeat_timeout  # noqa: E402
 
 OUTPUT_GRACE = 0.3  # seconds between printing the reason and MPI_Abort
 ABORT_GRACE = 5.0  # seconds the launcher gets to end the job after MPI_Abort before we exit
@@ -117,7 +117,7 @@ class MPICommunicator:
 
     timeout: deadline (s) of every blocking collective (``--timeout``); None derives it from
         the step times. Heartbeats time out after min(timeout / 2, 10 s). See
-        ddtrain.dist.watchdog.collective_deadline and heartbeat_timeout.
+        ddtrain.parallel.watchdog.collective_deadline and heartbeat_timeout.
     watchdog: False runs without the watchdog thread (benchmarks, tests of the bare calls).
     heartbeat_s: seconds between heartbeats.
     shared_memory: let ``Allreduce`` of large float buffers go through the node's shared
@@ -273,7 +273,7 @@ class MPICommunicator:
         time.sleep(ABORT_GRACE)
         os._exit(code)
 
-    # -------------------------------------------------------------- the node (ddtrain.dist.shm.Node)
+    # -------------------------------------------------------------- the node (ddtrain.parallel.shm.Node)
     # What NodeShards (the shared-memory data-parallel step, dist.shared_memory) calls. The
     # blocking ones are recorded for the watchdog's collective deadline like the others.
     def shared_array(self, shape: tuple, dtype) -> np.ndarray:
@@ -475,7 +475,7 @@ def _install_abort_hooks(comm: MPICommunicator) -> None:
     Without this, one rank's crash leaves the others blocked in a collective until the
     watchdog's deadline: MPICH does not end a job when one rank exits with an error status.
     """
-    from ddtrain.dist import report_and_abort
+    from ddtrain.parallel import report_and_abort
 
     def excepthook(exc_type, exc, tb):
         if issubclass(exc_type, SystemExit) and exc.code in (0, None):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from ddtrain.launch import run_launch
-from tests.dist.conftest import orphans
+from tests.parallel.conftest import orphans
 
 pytestmark = pytest.mark.mpi
 

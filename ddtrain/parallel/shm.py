@@ -28,7 +28,7 @@ equal a plain allreduce run to float32 rounding, not bitwise (as between any two
 Rules: every rank of every node creates `NodeShards` at the same point (collective), calls
 reduce() and publish() once per step in that order (also on a skipped step), and builds its
 optimizer over `shards.params` after creating it. The communicator must provide the `Node`
-methods below (ddtrain.dist.mpi.MPICommunicator does); every node runs the same number of ranks.
+methods below (ddtrain.parallel.mpi.MPICommunicator does); every node runs the same number of ranks.
 CPU only: a GPU's memory is not a node's shared memory.
 """
 

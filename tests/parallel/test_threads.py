@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ddtrain.dist.threads import THREAD_VARS, choose_threads, configure_threads, ranks_on_node, usable_cores
+from ddtrain.parallel.threads import THREAD_VARS, choose_threads, configure_threads, ranks_on_node, usable_cores
 from ddtrain.errors import ConfigError
 
 
@@ -45,7 +45,7 @@ def test_configure_threads_sets_every_library_variable():
 
 _PROBE = """
 import ctypes, glob, os, sys
-from ddtrain.dist.threads import configure_threads
+from ddtrain.parallel.threads import configure_threads
 n = configure_threads(None)
 assert "numpy" not in sys.modules
 import numpy
