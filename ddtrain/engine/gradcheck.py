@@ -81,7 +81,8 @@ def check_layer(layer: Layer, in_shape: tuple, batch: int = 3, seed: int = 0,
     """Check one layer's parameter gradients and dx, on x of shape (batch, *in_shape).
 
     The layer is bound to fresh float64 buffers filled with N(0, 0.5^2) (not its init
-    scheme, so biases are non-zero too). One row per parameter, then one for "input".
+    scheme, so biases are non-zero too), and to fresh buffers of its own (BatchNorm's running
+    statistics; training uses the batch's). One row per parameter, then one for "input".
     """
     rng = np.random.default_rng(seed)
     in_shape = tuple(in_shape)
@@ -89,6 +90,8 @@ def check_layer(layer: Layer, in_shape: tuple, batch: int = 3, seed: int = 0,
     flat = FlatParams(specs, CPU, np.float64)
     layer.xp, layer.index, layer.needs_input_grad = np, 0, True
     layer.bind(flat.params, flat.grads)
+    layer.bind_buffers({name: np.zeros(shape, dtype) for name, (shape, dtype) in layer.buffer_shapes(in_shape).items()})
+    layer.init_buffers()
     flat.data[...] = 0.5 * rng.standard_normal(flat.size)
     layer.set_batch_context(single_batch(seed, 0, batch))
     x = _away_from_kinks(rng.standard_normal((batch, *in_shape)))

@@ -43,7 +43,8 @@ class BufferPool:
     """Arrays reused across calls: one per (tag, shape, dtype), allocated on first request.
 
     A batch of a new shape (the last, smaller batch of an epoch; evaluation) gets its own
-    arrays once; after that no step allocates.
+    arrays once; after that no step allocates. Orders: "C", "F", or "NHWC": an (N, H, W, C)
+    C-contiguous array seen as (N, C, H, W) (the convolution layers' channels-last layout).
     """
 
     def __init__(self):
@@ -53,12 +54,23 @@ class BufferPool:
         key = (tag, tuple(shape), np.dtype(dtype), order)
         a = self._arrays.get(key)
         if a is None:
-            a = self._arrays[key] = xp.empty(shape, dtype=dtype, order=order)
+            if order == "NHWC":
+                n, c, h, w = shape
+                a = xp.empty((n, h, w, c), dtype=dtype).transpose(0, 3, 1, 2)
+            else:
+                a = xp.empty(shape, dtype=dtype, order=order)
+            self._arrays[key] = a
         return a
+
+    def __len__(self) -> int:
+        return len(self._arrays)
 
 
 def memory_order(a) -> str:
-    """"F" for an array that is column-major (and not also row-major, as 1-row arrays are), else "C"."""
+    """"F" for an array that is column-major (and not also row-major, as 1-row arrays are),
+    "NHWC" for a 4-D array that is channels-last (see BufferPool), else "C"."""
+    if a.ndim == 4 and not a.flags.c_contiguous and a.transpose(0, 2, 3, 1).flags.c_contiguous:
+        return "NHWC"
     return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
 
 
@@ -102,6 +114,10 @@ class Layer:
 
     def set_batch_context(self, ctx: BatchContext) -> None:
         """The step's batch context (Dropout: where its rows sit; BatchNorm: global sums)."""
+
+    def flops(self, in_shape: tuple) -> int:
+        """Floating-point operations of one sample's forward (2 per multiply-add); 0 if negligible."""
+        return 0
 
     # -- computation -----------------------------------------------------------------
     def forward(self, x, train: bool):
@@ -157,6 +173,9 @@ class Linear(Layer):
 
     def output_shape(self, in_shape):
         return (self.out_features,)
+
+    def flops(self, in_shape):
+        return 2 * int(in_shape[0]) * self.out_features
 
     def bind(self, params, grads):
         super().bind(params, grads)
@@ -272,14 +291,21 @@ class Sigmoid(Layer):
 
 
 class Flatten(Layer):
-    """(N, *in_shape) -> (N, prod(in_shape)), a view when x is contiguous."""
+    """(N, *in_shape) -> (N, prod(in_shape)) in C order of in_shape, so (C, H, W) features keep
+    PyTorch's order: a view when x is C-contiguous, else a copy into a reused buffer (a
+    channels-last convolution output, see ddtrain.engine.conv)."""
 
     def output_shape(self, in_shape):
         return (math.prod(in_shape),)
 
     def forward(self, x, train):
         self._in_shape = x.shape
-        return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: a rank's slice may be empty
+        flat = (x.shape[0], math.prod(x.shape[1:]))  # not -1: a rank's slice may be empty
+        if x.flags.c_contiguous:
+            return x.reshape(flat)
+        y = self._buf("y", flat, x.dtype)
+        y.reshape(x.shape)[...] = x
+        return y
 
     def backward(self, dy):
         return dy.reshape(self._in_shape)

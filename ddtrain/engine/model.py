@@ -21,7 +21,9 @@ from typing import Callable
 import numpy as np
 
 from ddtrain.backend import CPU, Backend
+from ddtrain.engine.conv import AvgPool2d, Conv2d, MaxPool2d
 from ddtrain.engine.layers import INIT_SCHEMES, Dropout, Flatten, Layer, Linear, ReLU, Sigmoid, Tanh
+from ddtrain.engine.norm import BatchNorm1d, BatchNorm2d
 from ddtrain.engine.params import FlatParams
 from ddtrain.errors import ConfigError
 
@@ -176,21 +178,54 @@ class Sequential:
                 on_grads_ready(self._first_offset[i])
         return dy if self._input_grad else None
 
+    def flops(self) -> list[int]:
+        """Each layer's forward floating-point operations per sample (2 per multiply-add)."""
+        return [layer.flops(shape_in) for layer, shape_in in zip(self.layers, [self.in_shape] + self.shapes[:-1])]
+
     def summary(self) -> str:
-        """A table: index, layer, per-sample output shape, parameter count; then the total."""
+        """A table: index, layer, per-sample output shape, parameter count, forward MFLOPs per
+        sample; then the totals."""
         counts = [sum(math.prod(s) for s in layer.param_shapes(shape_in).values())
                   for layer, shape_in in zip(self.layers, [self.in_shape] + self.shapes[:-1])]
-        rows = [("#", "layer", "output", "params"), ("", "input", str(self.in_shape), "")]
-        rows += [(str(i), layer.describe(), str(shape), f"{n:,}")
-                 for i, (layer, shape, n) in enumerate(zip(self.layers, self.shapes, counts))]
-        widths = [max(len(r[k]) for r in rows) for k in range(4)]
-        lines = [f"{a:>{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}" for a, b, c, d in rows]
+        flops = self.flops()
+        rows = [("#", "layer", "output", "params", "MFLOPs"), ("", "input", str(self.in_shape), "", "")]
+        rows += [(str(i), layer.describe(), str(shape), f"{n:,}", f"{f / 1e6:.3f}")
+                 for i, (layer, shape, n, f) in enumerate(zip(self.layers, self.shapes, counts, flops))]
+        widths = [max(len(r[k]) for r in rows) for k in range(5)]
+        lines = [f"{a:>{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}  {e:>{widths[4]}}"
+                 for a, b, c, d, e in rows]
         nbytes = self.params.size * self.dtype.itemsize
-        lines.append(f"total: {self.params.size:,} parameters ({self.dtype.name}, {nbytes / 2**20:.2f} MiB)")
+        lines.append(f"total: {self.params.size:,} parameters ({self.dtype.name}, {nbytes / 2**20:.2f} MiB), "
+                     f"{sum(flops) / 1e6:.2f} MFLOPs per sample forward (about 3x that to train)")
         return "\n".join(lines)
 
 
 # -- building from config ------------------------------------------------------------------
+
+def _int_key(key, low):
+    """A validator for an integer key >= low (kernel, stride, padding)."""
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"'{key}' must be an integer >= {low}, not {v!r}")
+        return v
+    return check
+
+
+def _positive_float(key):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"'{key}' must be a number > 0, not {v!r}")
+        return float(v)
+    return check
+
+
+def _unit_float(key):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"'{key}' must be a number in [0, 1], not {v!r}")
+        return float(v)
+    return check
+
 
 def _int_out(v):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -218,8 +253,24 @@ LAYER_TYPES: dict[str, tuple[type, dict]] = {
     "sigmoid": (Sigmoid, {}),
     "flatten": (Flatten, {}),
     "dropout": (Dropout, {"p": (_prob, False)}),  # p defaults to 0.5, as in PyTorch
+    # (C, H, W) layers; defaults as PyTorch's: stride 1 (pooling: the kernel), padding 0, bias
+    "conv2d": (Conv2d, {"out": (_int_out, True), "kernel": (_int_key("kernel", 1), True),
+                        "stride": (_int_key("stride", 1), False),
+                        "padding": (_int_key("padding", 0), False), "bias": (_bool, False)}),
+    "maxpool2d": (MaxPool2d, {"kernel": (_int_key("kernel", 1), True),
+                              "stride": (_int_key("stride", 1), False),
+                              "padding": (_int_key("padding", 0), False)}),
+    "avgpool2d": (AvgPool2d, {"kernel": (_int_key("kernel", 1), True),
+                              "stride": (_int_key("stride", 1), False),
+                              "padding": (_int_key("padding", 0), False)}),
+    "batchnorm2d": (BatchNorm2d, {"eps": (_positive_float("eps"), False),
+                                  "momentum": (_unit_float("momentum"), False)}),
+    "batchnorm1d": (BatchNorm1d, {"eps": (_positive_float("eps"), False),
+                                  "momentum": (_unit_float("momentum"), False)}),
 }
-_ARG_NAMES = {"out": "out_features", "bias": "bias", "p": "p"}
+_ARG_NAMES = {"out": "out_features", "bias": "bias", "p": "p", "kernel": "kernel_size", "stride": "stride",
+              "padding": "padding", "eps": "eps", "momentum": "momentum"}
+_ARG_NAMES_BY_TYPE = {("conv2d", "out"): "out_channels"}  # where a type names an argument its own way
 
 
 def _unknown(what: str, value, valid) -> str:
@@ -247,7 +298,7 @@ def make_layer(spec: dict, index: int = 0) -> Layer:
             valid = list(keys) or ["no keys besides 'type'"]
             raise ConfigError(f"{where}: {_unknown('key', key, valid)}")
         try:
-            kwargs[_ARG_NAMES[key]] = keys[key][0](value)
+            kwargs[_ARG_NAMES_BY_TYPE.get((kind, key), _ARG_NAMES[key])] = keys[key][0](value)
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
     missing = [k for k, (_, required) in keys.items() if required and k not in spec]

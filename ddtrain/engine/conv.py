@@ -1,0 +1,428 @@
+"""Convolution and pooling over (N, C, H, W) batches, as torch.nn.Conv2d, MaxPool2d, AvgPool2d.
+
+Shapes are PyTorch's everywhere: a layer gets x of shape (N, C, H, W) and returns (N, C', H', W').
+Memory is channels-last: the arrays these layers return are (N, H, W, C) buffers seen through a
+transposed view of shape (N, C, H, W) (`Layer._buf` order "NHWC"). A convolution is then one GEMM
+with the batch folded into its rows (rows n, h, w; columns c) whose output already has the next
+layer's layout, with no transposing copy; element-wise layers keep the layout (`Layer._like`), and
+`Flatten` copies into (C, H, W) feature order, so a Linear after it has PyTorch's weights. Weights
+are stored in PyTorch's layout (Conv2d's weight is (out, in, kh, kw)): state dicts and checkpoints
+are PyTorch's. Any input layout is accepted (the model's input is channels-first).
+
+Conv2d, per chunk of samples so that the chunk's columns stay in cache (k: kernel, s: stride,
+p: padding, xpad: x padded with p zeros, in NHWC):
+    forward   cols[n, ho, wo, (i, j, c)] = xpad[n, s*ho + i, s*wo + j, c]   (im2col: one copy of
+              a strided view), y = cols @ Wm + b with Wm[(i, j, c), o] = W[o, c, i, j]: one GEMM;
+    backward  dW = dy^T @ cols (the stored columns), db = sum of dy over n, h, w;
+              dx for stride 1 and p <= k - 1: the convolution of dy padded by k - 1 - p with the
+              kernel flipped and transposed, i.e. im2col of dy and one GEMM, no scatter;
+              dx otherwise: dcols = dy @ Wm^T, added back with one strided add per kernel offset.
+Pooling loops over the k*k kernel offsets: each offset is one strided (N, C, Ho, Wo) view of the
+(padded) input, so every step is a whole-batch ufunc.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ddtrain.engine.layers import INIT_SCHEMES, Layer
+
+CHANNELS_LAST = "NHWC"  # a BufferPool order: an (N, H, W, C) buffer seen as (N, C, H, W)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a convolution or pooling window along one axis (floor, as PyTorch)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def is_channels_last(a) -> bool:
+    """Whether the (N, C, H, W) array `a` is an (N, H, W, C) C-contiguous buffer seen transposed."""
+    return a.ndim == 4 and a.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def _windows(xp, a, ho: int, wo: int, k: int, s: int):
+    """(N, Ho, Wo, k, k, C) view of the C-contiguous NHWC array `a`: [n, ho, wo, i, j, c] =
+    a[n, s*ho + i, s*wo + j, c] (the im2col matrix before its one copy)."""
+    n, _, _, c = a.shape
+    sn, sh, sw, sc = a.strides
+    return xp.lib.stride_tricks.as_strided(a, (n, ho, wo, k, k, c), (sn, s * sh, s * sw, sh, sw, sc))
+
+
+def _offset_view(a, i: int, j: int, ho: int, wo: int, s: int):
+    """The (N, C, Ho, Wo) strided view a[:, :, i + s*ho, j + s*wo] of an (N, C, H, W) array."""
+    return a[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
+
+
+def channel_sums(layer: Layer, a, tag: str):
+    """(C,) float64 sums of `a` (N, C, *spatial) over every axis but 1, as a device array.
+
+    Per-sample sums in a's dtype first (a matrix-vector product with ones over the spatial
+    positions when `a` is channels-last or channels-first contiguous: 10x faster than a
+    reduction ufunc, and each partial sums only H*W terms), then their float64 sum over samples.
+    """
+    xp = layer.xp
+    n, c = a.shape[:2]
+    spatial = math.prod(a.shape[2:])
+    if a.ndim == 2:
+        part = a
+    else:
+        part = layer._buf(tag + "-part", (n, c), a.dtype)
+        if a.ndim == 4 and is_channels_last(a):
+            ones = layer._const(tag + "-ones", (spatial,), a.dtype, 1)
+            xp.matmul(ones, a.transpose(0, 2, 3, 1).reshape(n, spatial, c), out=part)
+        elif a.flags.c_contiguous:
+            ones = layer._const(tag + "-ones", (spatial,), a.dtype, 1)
+            xp.matmul(a.reshape(n, c, spatial), ones, out=part)
+        else:
+            xp.sum(a, axis=tuple(range(2, a.ndim)), out=part)
+    out = layer._buf(tag, (c,), np.float64)
+    xp.sum(part, axis=0, dtype=np.float64, out=out)
+    return out
+
+
+def _positive(name: str, v, low: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, not {v!r}")
+    return v
+
+
+class _Spatial(Layer):
+    """Plumbing shared by the (N, C, H, W) layers: shape checks and constant-bordered buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self._filled: set = set()
+
+    def _const(self, tag: str, shape: tuple, dtype, value, order: str = "C"):
+        """A reusable buffer filled with `value` once, when made. Callers may overwrite a part of
+        it every call (the interior of a padded copy) and rely on the rest staying `value`."""
+        a = self._buf(tag, shape, dtype, order)
+        key = (tag, tuple(shape), np.dtype(dtype), order)
+        if key not in self._filled:
+            a.fill(value)
+            self._filled.add(key)
+        return a
+
+    @staticmethod
+    def _chw(in_shape, what: str) -> tuple[int, int, int]:
+        if len(in_shape) != 3:
+            raise ValueError(f"{what} needs per-sample shape (C, H, W) but gets {tuple(in_shape)}"
+                             " (images are (1, 28, 28))")
+        return tuple(int(s) for s in in_shape)
+
+
+class Conv2d(_Spatial):
+    """2-D cross-correlation as torch.nn.Conv2d (square kernel, stride and zero padding).
+
+    x: (N, C, H, W) -> y: (N, out, Ho, Wo), Ho = floor((H + 2p - k) / s) + 1 (the same for W).
+    Parameters "weight" (out, C, k, k) and "bias" (out,). y is channels-last in memory (see the
+    module docstring); keeps the im2col columns (N*Ho*Wo, k*k*C) for dW.
+    """
+
+    CHUNK_BYTES = 2 << 20  # im2col columns per GEMM: a chunk this size stays in L2/L3 cache
+    MIN_ROWS = 1024  # fewer GEMM rows per call than this measured slower
+
+    def __init__(self, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 0,
+                 bias: bool = True):
+        super().__init__()
+        self.out_channels = _positive("out", out_channels)
+        self.k = _positive("kernel", kernel_size)
+        self.s = _positive("stride", stride)
+        self.p = _positive("padding", padding, 0)
+        self.has_bias = bool(bias)
+        self.in_channels: int | None = None
+
+    def param_shapes(self, in_shape):
+        self.output_shape(in_shape)  # raises if the kernel does not fit
+        c = self._chw(in_shape, "Conv2d")[0]
+        shapes = {"weight": (self.out_channels, c, self.k, self.k)}
+        if self.has_bias:
+            shapes["bias"] = (self.out_channels,)
+        return shapes
+
+    def output_shape(self, in_shape):
+        _, h, w = self._chw(in_shape, "Conv2d")
+        ho, wo = (conv_output_size(d, self.k, self.s, self.p) for d in (h, w))
+        if ho < 1 or wo < 1:
+            raise ValueError(f"kernel {self.k} with padding {self.p} does not fit input {h}x{w}")
+        return (self.out_channels, ho, wo)
+
+    def flops(self, in_shape) -> int:
+        c = self._chw(in_shape, "Conv2d")[0]
+        _, ho, wo = self.output_shape(in_shape)
+        return 2 * self.out_channels * ho * wo * c * self.k * self.k
+
+    def bind(self, params, grads):
+        super().bind(params, grads)
+        self.W, self.dW = params["weight"], grads["weight"]
+        self.b, self.db = params.get("bias"), grads.get("bias")
+        self.in_channels = self.W.shape[1]
+
+    def init_params(self, rng, scheme):
+        k2 = self.k * self.k
+        fan_in, fan_out = self.in_channels * k2, self.out_channels * k2
+        if scheme == "pytorch":  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)), bias likewise
+            bound = 1.0 / math.sqrt(fan_in)
+            w = rng.uniform(-bound, bound, self.W.shape)
+            b = rng.uniform(-bound, bound, (self.out_channels,)) if self.has_bias else None
+        elif scheme == "he":
+            w = rng.normal(0.0, math.sqrt(2.0 / fan_in), self.W.shape)
+            b = np.zeros(self.out_channels)
+        elif scheme == "xavier":
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            w = rng.uniform(-bound, bound, self.W.shape)
+            b = np.zeros(self.out_channels)
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(INIT_SCHEMES)}")
+        self.W[...] = self.xp.asarray(w.astype(self.W.dtype))
+        if self.has_bias:
+            self.b[...] = self.xp.asarray(b.astype(self.b.dtype))
+
+    def _chunk(self, rows_per_sample: int, cols: int, itemsize: int) -> int:
+        """Samples per GEMM call: CHUNK_BYTES of columns, at least MIN_ROWS rows."""
+        rows = max(self.MIN_ROWS, self.CHUNK_BYTES // (cols * itemsize))
+        return max(1, rows // rows_per_sample)
+
+    def _im2col_gemm(self, src, ho, wo, k, s, wmat, out2d, cols, bias=None):
+        """out2d[rows of samples a:b] = cols[a:b] @ wmat (+ bias), cols[a:b] copied from the
+        windows of `src` (NHWC, C-contiguous) chunk by chunk. cols: (N or chunk, Ho, Wo, k, k, C)."""
+        xp = self.xp
+        n = src.shape[0]
+        win = _windows(xp, src, ho, wo, k, s)
+        kcols = wmat.shape[0]
+        cols2 = cols.reshape(-1, kcols)
+        hw = ho * wo
+        step = self._chunk(hw, kcols, src.dtype.itemsize) if cols.shape[0] == n else cols.shape[0]
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            c0 = a if cols.shape[0] == n else 0  # whole-batch columns, or one chunk's reused
+            cols[c0:c0 + b - a] = win[a:b]
+            rows = out2d[a * hw:b * hw]
+            xp.matmul(cols2[c0 * hw:(c0 + b - a) * hw], wmat, out=rows)
+            if bias is not None:
+                xp.add(rows, bias, out=rows)
+
+    def forward(self, x, train):
+        """x: (N, C, H, W) any layout -> y: (N, out, Ho, Wo), channels-last."""
+        xp, k, s, p = self.xp, self.k, self.s, self.p
+        n, c, h, w = x.shape
+        co = self.out_channels
+        ho, wo = conv_output_size(h, k, s, p), conv_output_size(w, k, s, p)
+        if p == 0 and is_channels_last(x):
+            src = x.transpose(0, 2, 3, 1)
+        else:
+            src = self._const("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, 0)
+            src[:, p:p + h, p:p + w, :] = x.transpose(0, 2, 3, 1)
+        wm = self._buf("wm", (co, k, k, c), x.dtype)
+        wm[...] = self.W.transpose(0, 2, 3, 1)  # Wm[(i, j, c), o] = W[o, c, i, j], as (o, i, j, c)
+        cols = self._buf("cols", (n, ho, wo, k, k, c), x.dtype)
+        y = self._buf("y", (n, co, ho, wo), x.dtype, CHANNELS_LAST)
+        self._im2col_gemm(src, ho, wo, k, s, wm.reshape(co, k * k * c).T,
+                          y.transpose(0, 2, 3, 1).reshape(n * ho * wo, co), cols, self.b)
+        self._cols, self._x_shape = cols, x.shape
+        return y
+
+    def backward(self, dy):
+        """dy: (N, out, Ho, Wo) any layout -> dx: (N, C, H, W) channels-last (None without
+        needs_input_grad); overwrites dW (out, C, k, k) and db (out,)."""
+        xp, k, s, p = self.xp, self.k, self.s, self.p
+        n, c, h, w = self._x_shape
+        _, co, ho, wo = dy.shape
+        if is_channels_last(dy):
+            d = dy.transpose(0, 2, 3, 1)
+        else:
+            d = self._buf("dy", (n, ho, wo, co), dy.dtype)
+            d[...] = dy.transpose(0, 2, 3, 1)
+        d2 = d.reshape(n * ho * wo, co)
+        kk = k * k * c
+        dwm = self._buf("dwm", (co, k, k, c), dy.dtype)
+        xp.matmul(d2.T, self._cols.reshape(n * ho * wo, kk), out=dwm.reshape(co, kk))
+        self.dW[...] = dwm.transpose(0, 3, 1, 2)
+        if self.has_bias:
+            self.db[...] = channel_sums(self, d.transpose(0, 3, 1, 2), "db")
+        if not self.needs_input_grad:
+            return None
+        dx = self._buf("dx", (n, c, h, w), dy.dtype, CHANNELS_LAST)
+        dx_nhwc = dx.transpose(0, 2, 3, 1)
+        q = k - 1 - p
+        if s == 1 and q >= 0:
+            # dx[n, y, x, c] = sum_{i, j, o} dypad[n, y + i, x + j, o] * W[o, c, k-1-i, k-1-j]
+            if q == 0:
+                src = d if d.flags.c_contiguous else self._buf("dyc", d.shape, d.dtype)
+                if src is not d:
+                    src[...] = d
+            else:
+                src = self._const("dypad", (n, ho + 2 * q, wo + 2 * q, co), dy.dtype, 0)
+                src[:, q:q + ho, q:q + wo, :] = d
+            wf = self._buf("wflip", (k, k, co, c), dy.dtype)
+            wf[...] = self.W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
+            step = self._chunk(h * w, k * k * co, dy.dtype.itemsize)
+            dcols = self._buf("dcols", (min(step, n), h, w, k, k, co), dy.dtype)
+            self._im2col_gemm(src, h, w, k, 1, wf.reshape(k * k * co, c), dx_nhwc.reshape(n * h * w, c), dcols)
+            return dx
+        # Strided or over-padded: scatter dcols = dy @ Wm^T back onto the padded input.
+        dcols = self._buf("dcols-all", (n, ho, wo, k, k, c), dy.dtype)
+        wm = self._buf("wm", (co, k, k, c), dy.dtype)  # forward's Wm, still current
+        xp.matmul(d2, wm.reshape(co, kk), out=dcols.reshape(n * ho * wo, kk))
+        dxpad = self._buf("dxpad", (n, h + 2 * p, w + 2 * p, c), dy.dtype)
+        dxpad.fill(0)
+        for i in range(k):
+            for j in range(k):
+                view = dxpad[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+                xp.add(view, dcols[:, :, :, i, j, :], out=view)
+        dx_nhwc[...] = dxpad[:, p:p + h, p:p + w, :]
+        return dx
+
+    def describe(self):
+        extra = "" if self.has_bias else ", no bias"
+        return (f"Conv2d({self.in_channels} -> {self.out_channels}, k={self.k}, s={self.s}, "
+                f"p={self.p}{extra})")
+
+
+class _Pool2d(_Spatial):
+    """Shared by the pooling layers: window geometry and a padded copy of the input."""
+
+    name = "Pool2d"
+    pad_value = 0.0
+
+    def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0):
+        super().__init__()
+        self.k = _positive("kernel", kernel_size)
+        self.s = self.k if stride is None else _positive("stride", stride)
+        self.p = _positive("padding", padding, 0)
+        if self.p > self.k // 2:
+            raise ValueError(f"padding {self.p} must be at most half the kernel ({self.k}), as in PyTorch")
+
+    def output_shape(self, in_shape):
+        c, h, w = self._chw(in_shape, self.name)
+        ho, wo = (conv_output_size(d, self.k, self.s, self.p) for d in (h, w))
+        if ho < 1 or wo < 1:
+            raise ValueError(f"kernel {self.k} with padding {self.p} does not fit input {h}x{w}")
+        return (c, ho, wo)
+
+    def flops(self, in_shape) -> int:
+        return math.prod(self.output_shape(in_shape)) * self.k * self.k
+
+    def _layout(self, a) -> str:
+        return CHANNELS_LAST if is_channels_last(a) else "C"
+
+    def _padded_input(self, x):
+        """x, or a reused copy of it with a border of `pad_value` (in x's layout)."""
+        if self.p == 0:
+            return x
+        n, c, h, w = x.shape
+        p = self.p
+        xp_ = self._const("xpad", (n, c, h + 2 * p, w + 2 * p), x.dtype, self.pad_value, self._layout(x))
+        xp_[:, :, p:p + h, p:p + w] = x
+        return xp_
+
+    def _tiles(self, h: int, w: int, ho: int, wo: int) -> bool:
+        """Whether the windows cover the input exactly once (then backward writes, not adds)."""
+        return self.s == self.k and self.p == 0 and h == ho * self.k and w == wo * self.k
+
+    def _input_grad(self, dy, contributions):
+        """dx (N, C, H, W) in the forward input's layout from each kernel offset's share of dy.
+
+        contributions(k_index, out) writes offset k_index's (N, C, Ho, Wo) share into `out`."""
+        xp, k, s, p = self.xp, self.k, self.s, self.p
+        n, c, h, w = self._x_shape
+        _, _, ho, wo = dy.shape
+        dx = self._buf("dx", (n, c, h, w), dy.dtype, self._x_layout)
+        tiles = self._tiles(h, w, ho, wo)
+        dxp = dx if p == 0 else self._buf("dxpad", (n, c, h + 2 * p, w + 2 * p), dy.dtype, self._x_layout)
+        if not tiles:
+            dxp.fill(0)
+            tmp = self._buf("share", dy.shape, dy.dtype, self._x_layout)
+        for i in range(k):
+            for j in range(k):
+                view = _offset_view(dxp, i, j, ho, wo, s)
+                if tiles:
+                    contributions(i * k + j, view)
+                else:
+                    contributions(i * k + j, tmp)
+                    xp.add(view, tmp, out=view)
+        if p:
+            dx[...] = dxp[:, :, p:p + h, p:p + w]
+        return dx
+
+    def describe(self):
+        return f"{self.name}(k={self.k}, s={self.s}, p={self.p})"
+
+
+class MaxPool2d(_Pool2d):
+    """Max over k x k windows as torch.nn.MaxPool2d: floor output size, padding with -inf.
+
+    x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = floor((H + 2p - k) / s) + 1, in x's layout.
+    In training keeps which offset of each window won (uint8; on a tie the first in row-major
+    window order, as PyTorch): dx gets dy at that input position, 0 elsewhere (summed where
+    windows overlap).
+    """
+
+    name = "MaxPool2d"
+    pad_value = -np.inf
+
+    def forward(self, x, train):
+        xp, k, s = self.xp, self.k, self.s
+        n, c, h, w = x.shape
+        ho, wo = conv_output_size(h, k, s, self.p), conv_output_size(w, k, s, self.p)
+        src = self._padded_input(x)
+        layout = self._layout(x)
+        y = self._buf("y", (n, c, ho, wo), x.dtype, layout)
+        xp.copyto(y, _offset_view(src, 0, 0, ho, wo, s))
+        if train:
+            arg = self._buf("arg", y.shape, np.uint8 if k * k < 256 else np.int32, layout)
+            arg.fill(0)
+            wins = self._buf("wins", y.shape, bool, layout)
+        for t in range(1, k * k):
+            v = _offset_view(src, t // k, t % k, ho, wo, s)
+            if train:
+                xp.greater(v, y, out=wins)  # strictly: a tie keeps the earlier offset
+                xp.copyto(arg, t, where=wins)
+            xp.maximum(y, v, out=y)
+        self._x_shape, self._x_layout = x.shape, layout
+        self._arg = arg if train else None
+        return y
+
+    def backward(self, dy):
+        xp = self.xp
+        if self._arg is None:
+            raise RuntimeError("MaxPool2d.backward after an eval forward: run forward(x, train=True)")
+        hit = self._buf("hit", dy.shape, bool, self._x_layout)
+
+        def contribution(t, out):
+            xp.equal(self._arg, t, out=hit)
+            xp.multiply(dy, hit, out=out)
+
+        return self._input_grad(dy, contribution)
+
+
+class AvgPool2d(_Pool2d):
+    """Mean over k x k windows as torch.nn.AvgPool2d (count_include_pad=True: the divisor is
+    always k*k, zero padding included).  x: (N, C, H, W) -> y: (N, C, Ho, Wo), in x's layout;
+    dx gets dy / (k*k) at every position of each window."""
+
+    name = "AvgPool2d"
+    pad_value = 0.0
+
+    def forward(self, x, train):
+        xp, k, s = self.xp, self.k, self.s
+        n, c, h, w = x.shape
+        ho, wo = conv_output_size(h, k, s, self.p), conv_output_size(w, k, s, self.p)
+        src = self._padded_input(x)
+        y = self._buf("y", (n, c, ho, wo), x.dtype, self._layout(x))
+        xp.copyto(y, _offset_view(src, 0, 0, ho, wo, s))
+        for t in range(1, k * k):
+            xp.add(y, _offset_view(src, t // k, t % k, ho, wo, s), out=y)
+        xp.multiply(y, 1.0 / (k * k), out=y)
+        self._x_shape, self._x_layout = x.shape, self._layout(x)
+        return y
+
+    def backward(self, dy):
+        xp, scale = self.xp, 1.0 / (self.k * self.k)
+
+        def contribution(t, out):
+            xp.multiply(dy, scale, out=out)
+
+        return self._input_grad(dy, contribution)

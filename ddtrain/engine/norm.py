@@ -1,0 +1,192 @@
+"""Batch normalisation as torch.nn.BatchNorm1d / BatchNorm2d, with the statistics of the GLOBAL batch.
+
+Per channel c (axis 1; the other axes are the samples and positions it normalises over):
+    train:  mean, var = the batch's mean and biased variance, xhat = (x - mean) / sqrt(var + eps),
+            y = weight * xhat + bias; running_mean <- (1 - m) running_mean + m mean and
+            running_var <- (1 - m) running_var + m var * n / (n - 1) (unbiased, as PyTorch);
+    eval:   the same with running_mean and running_var in place of the batch's statistics.
+Both are one fused per-channel scale and shift, y = x * scale + shift.
+
+"The batch" is the global batch, whatever the number of ranks: forward hands this rank's
+float64 sums [sum x (C), sum x^2 (C), count] to the step's `BatchContext.batch_sum` (keyed
+f"{index}.forward") and normalises with what it returns; backward does the same with
+[sum dy (C), sum dy * xhat (C)] (f"{index}.backward"), which the input gradient needs:
+    dx = weight / sqrt(var + eps) * (dy - sum(dy) / n - xhat * sum(dy * xhat) / n),
+while the parameter gradients are this rank's own sums (the gradient allreduce adds them):
+    dweight = sum(dy * xhat), dbias = sum(dy).
+Running statistics change in `on_global`, from the global sums only (it may be called after the
+step). Every rank calls batch_sum in the same order, an empty slice with zeros.
+Sums are float64 (per-sample partials in the data's dtype, see `channel_sums`), and the variance
+is E[x^2] - E[x]^2 of those.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ddtrain.engine.conv import _Spatial, channel_sums
+
+
+def _to_host(a) -> np.ndarray:
+    """A host copy of a small device array (CuPy arrays have .get(); numpy ones are host arrays)."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+class _BatchNorm(_Spatial):
+    """Shared by BatchNorm1d and BatchNorm2d: channel axis 1 of (N, C, *positions)."""
+
+    name = "BatchNorm"
+    shapes = ()  # accepted per-sample ranks
+
+    def __init__(self, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        if not eps > 0:
+            raise ValueError(f"'eps' must be > 0, not {eps!r}")
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"'momentum' must be in [0, 1], not {momentum!r}")
+        self.eps, self.momentum = float(eps), float(momentum)
+        self._ctx = None
+        self.channels: int | None = None
+
+    def _channels(self, in_shape) -> int:
+        if len(in_shape) not in self.shapes:
+            raise ValueError(f"{self.name} needs per-sample shape {self.accepts} but gets {tuple(in_shape)}")
+        return int(in_shape[0])
+
+    def param_shapes(self, in_shape):
+        c = self._channels(in_shape)
+        return {"weight": (c,), "bias": (c,)}
+
+    def buffer_shapes(self, in_shape):
+        c = self._channels(in_shape)
+        return {"running_mean": ((c,), "float32"), "running_var": ((c,), "float32"),
+                "num_batches_tracked": ((), "int64")}
+
+    def flops(self, in_shape):
+        return 2 * math.prod(in_shape)
+
+    def bind(self, params, grads):
+        super().bind(params, grads)
+        self.weight, self.dweight = params["weight"], grads["weight"]
+        self.bias, self.dbias = params["bias"], grads["bias"]
+        self.channels = self.weight.shape[0]
+
+    def init_buffers(self):
+        self.buffers["running_mean"].fill(0)
+        self.buffers["running_var"].fill(1)
+        self.buffers["num_batches_tracked"].fill(0)
+
+    def init_params(self, rng, scheme):
+        """weight 1, bias 0 (PyTorch's, whatever the scheme)."""
+        self.weight.fill(1)
+        self.bias.fill(0)
+
+    def set_batch_context(self, ctx):
+        self._ctx = ctx
+
+    # -- the math ------------------------------------------------------------------------
+    def _per_channel(self, tag: str, host: np.ndarray, x):
+        """A reused device array of shape (1, C, 1, ...) (broadcasts against x) holding `host`."""
+        c = self.channels
+        buf = self._buf(tag, (c,), x.dtype)
+        buf[...] = self.xp.asarray(host.astype(x.dtype))
+        return buf.reshape((1, c) + (1,) * (x.ndim - 2))
+
+    def _stats(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """(mean, biased var, count) from [sum x, sum x^2, count]."""
+        c = self.channels
+        n = float(sums[2 * c])
+        if n <= 1:
+            raise ValueError(f"{self.name}: expected more than 1 value per channel when training, "
+                             f"got {n:g} (a global batch of {n:g} positions)")
+        mean = sums[:c] / n
+        var = np.maximum(sums[c:2 * c] / n - mean * mean, 0.0)
+        return mean, var, n
+
+    def _update_running(self, sums: np.ndarray) -> None:
+        """on_global: running statistics from the global batch's [sum x, sum x^2, count]."""
+        mean, var, n = self._stats(sums)
+        m = self.momentum
+        for name, value in (("running_mean", mean), ("running_var", var * n / (n - 1))):
+            buf = self.buffers[name]
+            new = (1 - m) * _to_host(buf).astype(np.float64) + m * value
+            buf[...] = self.xp.asarray(new.astype(np.float32))
+        self.buffers["num_batches_tracked"][...] += 1
+
+    def forward(self, x, train):
+        """x: (N, C, *positions) any layout -> y of the same shape and layout."""
+        xp, c = self.xp, self.channels
+        if train:
+            if self._ctx is None:
+                raise RuntimeError(f"{self.name}.forward(train=True) before set_batch_context(ctx): call "
+                                   "model.set_batch_context each step")
+            y = self._like("y", x)
+            xp.multiply(x, x, out=y)  # y holds x^2 until the normalisation below
+            local = np.empty(2 * c + 1)
+            local[:c] = _to_host(channel_sums(self, x, "sx"))
+            local[c:2 * c] = _to_host(channel_sums(self, y, "sxx"))
+            local[2 * c] = x.size // c  # positions per channel
+            total = self._ctx.batch_sum(f"{self.index}.forward", local, on_global=self._update_running)
+            mean, var, self._n = self._stats(np.asarray(total, np.float64))
+        else:
+            mean = _to_host(self.buffers["running_mean"]).astype(np.float64)
+            var = _to_host(self.buffers["running_var"]).astype(np.float64)
+            y = self._like("y", x)
+        invstd = 1.0 / np.sqrt(var + self.eps)
+        scale = _to_host(self.weight).astype(np.float64) * invstd
+        shift = _to_host(self.bias).astype(np.float64) - mean * scale
+        xp.multiply(x, self._per_channel("scale", scale, x), out=y)
+        xp.add(y, self._per_channel("shift", shift, x), out=y)
+        self._x, self._train = x, train
+        self._mean, self._invstd, self._scale = mean, invstd, scale
+        return y
+
+    def backward(self, dy):
+        """dy: (N, C, *positions) -> dx (x's layout), or None without needs_input_grad;
+        overwrites dweight, dbias (C,) with this rank's sums."""
+        xp, c, x = self.xp, self.channels, self._x
+        dx = self._like("dx", x)
+        xp.subtract(x, self._per_channel("mean", self._mean, x), out=dx)
+        xp.multiply(dx, dy, out=dx)  # dy * (x - mean) until dx is written below
+        sum_dy = _to_host(channel_sums(self, dy, "sdy"))
+        sum_dy_xhat = _to_host(channel_sums(self, dx, "sdyx")) * self._invstd
+        self.dweight[...] = xp.asarray(sum_dy_xhat.astype(self.dweight.dtype))
+        self.dbias[...] = xp.asarray(sum_dy.astype(self.dbias.dtype))
+        if not self.needs_input_grad:
+            return None
+        if not self._train:  # frozen statistics: y is affine in x
+            xp.multiply(dy, self._per_channel("a", self._scale, x), out=dx)
+            return dx
+        total = np.asarray(self._ctx.batch_sum(f"{self.index}.backward", np.concatenate([sum_dy, sum_dy_xhat])),
+                           np.float64)
+        # dx = a*dy + b*x + d: a = scale, b = -scale*invstd*sum(dy*xhat)/n, d = -a*sum(dy)/n - b*mean
+        n, a = self._n, self._scale
+        b = -a * self._invstd * total[c:] / n
+        d = -a * total[:c] / n - b * self._mean
+        tmp = self._like("tmp", x)
+        xp.multiply(x, self._per_channel("b", b, x), out=tmp)
+        xp.multiply(dy, self._per_channel("a", a, x), out=dx)
+        xp.add(dx, tmp, out=dx)
+        xp.add(dx, self._per_channel("d", d, x), out=dx)
+        return dx
+
+    def describe(self):
+        return f"{self.name}({self.channels}, eps={self.eps:g}, momentum={self.momentum:g})"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (N, C, H, W) per channel, over N, H and W (torch.nn.BatchNorm2d)."""
+
+    name = "BatchNorm2d"
+    shapes = (3,)
+    accepts = "(C, H, W)"
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (N, C) or (N, C, L) per channel, over N (and L) (torch.nn.BatchNorm1d)."""
+
+    name = "BatchNorm1d"
+    shapes = (1, 2)
+    accepts = "(C,) or (C, L)"
