@@ -80,8 +80,34 @@ def world(timeout: float | None = None) -> Communicator:
                           "installed: pip install 'ddtrain[mpi]'") from None
 
     comm = MPICommunicator(timeout=timeout)
-    _world = SingleProcess() if comm.size == 1 else comm
+    if comm.size == 1:
+        _world = SingleProcess()
+    else:
+        _world = comm
+        install_abort_hooks(comm)
     return _world
+
+
+def install_abort_hooks(comm: Communicator) -> None:
+    """Uncaught exceptions (main thread or any other) print ``rank R: <reason>`` and Abort.
+
+    Without this, one rank's crash leaves the others blocked in a collective until the
+    watchdog's deadline: MPICH does not end a job when one rank exits with an error status.
+    """
+    import threading
+
+    def excepthook(exc_type, exc, tb):
+        if issubclass(exc_type, SystemExit) and exc.code in (0, None):
+            return
+        report_and_abort(comm, exc)
+
+    def thread_excepthook(args):
+        if args.exc_type is SystemExit:
+            return
+        report_and_abort(comm, args.exc_value)
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
 
 
 def _debug_requested(debug: bool | None) -> bool:

@@ -7,7 +7,9 @@ so `configure_threads` must run before that (the CLI calls it first thing); if n
 already loaded it falls back to threadpoolctl when installed, and says so otherwise.
 
 Precedence: ``--threads`` > DDTRAIN_THREADS > an OMP_NUM_THREADS the user exported >
-max(1, cores // ranks on this node). The ranks on this node come from the launcher:
+max(1, cores // ranks on this node). Deterministic runs (``--deterministic``) use one thread
+per rank whatever is asked: a matrix product's rounding can depend on how many threads split
+it, and bitwise-identical weights for any rank count must not depend on cores / ranks. The ranks on this node come from the launcher:
 hydra's MPI_LOCALNRANKS or Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE (1 outside a launcher).
 """
 
@@ -53,8 +55,18 @@ def _positive(value: str, source: str) -> int:
     return n
 
 
-def choose_threads(requested: int | None, env: Mapping[str, str], cores: int) -> tuple[int, str]:
+DETERMINISTIC_REASON = "deterministic: a product's rounding can depend on the thread count"
+
+
+def choose_threads(requested: int | None, env: Mapping[str, str], cores: int,
+                   deterministic: bool = False) -> tuple[int, str]:
     """The thread count per rank and where it comes from (pure; see the module docstring)."""
+    if deterministic:
+        if requested not in (None, 1):
+            raise ConfigError(f"--threads {requested} with --deterministic: deterministic runs use 1 BLAS "
+                              f"thread per rank (a product's rounding can depend on the thread count); "
+                              f"drop --threads")
+        return 1, DETERMINISTIC_REASON
     if requested is not None:
         return _positive(str(requested), "--threads"), "--threads"
     if env.get("DDTRAIN_THREADS"):
@@ -66,7 +78,7 @@ def choose_threads(requested: int | None, env: Mapping[str, str], cores: int) ->
 
 
 def configure_threads(requested: int | None = None,
-                      env: MutableMapping[str, str] = os.environ) -> int:
+                      env: MutableMapping[str, str] = os.environ, deterministic: bool = False) -> int:
     """Decide the BLAS/OpenMP threads of this rank, apply them, log and return the count.
 
     Sets OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS in `env` (effective when
@@ -74,7 +86,7 @@ def configure_threads(requested: int | None = None,
     threadpoolctl if it is installed, else logs a warning.
     Raises ConfigError for a count that is not a positive integer.
     """
-    n, why = choose_threads(requested, env, usable_cores())
+    n, why = choose_threads(requested, env, usable_cores(), deterministic)
     for key in THREAD_VARS:
         env[key] = str(n)
     if "numpy" in sys.modules and env is os.environ:

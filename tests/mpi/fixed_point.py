@@ -2,8 +2,8 @@
 
 usage: fixed_point.py SPLIT   (contiguous | strided)
 The same 12 float32 "micro-shard gradients" (seeded, magnitudes spread over 1e-6..1e2) are
-dealt to the ranks contiguously or strided in reverse order; each rank adds its shards to a
-GradientReducer(mode="fixed_point") and finishes. Rank 0 prints the sha256 of the result
+dealt to the ranks contiguously or strided in reverse order; each rank hands its shards to a
+FixedPointAllreduce (as the trainer does: the gradient of each, then part_done) and synchronizes. Rank 0 prints the sha256 of the result
 (the pytest compares them across K and splits) and checks it against the float64 sum.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 
 from ddtrain.parallel import abort_on_exception, world
 from ddtrain.parallel.mpi import MPICommunicator
-from ddtrain.parallel.reducer import GradientReducer
-from ddtrain.engine.params import FlatParams
+from ddtrain.engine.model import build_model
+from ddtrain.parallel.sync import FixedPointAllreduce, StepFlags
 
 N_SHARDS, P = 12, 5000
 split = sys.argv[1]
@@ -31,23 +31,24 @@ else:
     mine = list(range(comm.rank, N_SHARDS, comm.size))[::-1]
 
 with abort_on_exception(comm):
-    params = FlatParams([("w", (P,))])
-    reducer = GradientReducer(comm, params, mode="fixed_point")
+    model = build_model([{"type": "linear", "out": 10}], (P // 10 - 1,))  # P parameters
+    params = model.params
+    assert params.size == P
+    sync = FixedPointAllreduce(comm, model, N_SHARDS)
     for step in range(2):  # the second step reuses the buffers
         for i in mine:
             params.grad[...] = shards[i]
-            reducer.add_shard(params.grad)
-        reducer.finish()
+            sync.part_done()
+        assert sync.synchronize(StepFlags()) == StepFlags()
     exact = np.sum(np.stack(shards).astype(np.float64), axis=0)
     np.testing.assert_allclose(params.grad, exact, rtol=1e-6, atol=1e-12)
     digest = hashlib.sha256(params.grad.tobytes()).hexdigest()
     assert comm.allgather_obj(digest) == [digest] * comm.size
-    # a NaN on any rank reaches every rank (as a float sum would)
+    # a NaN on any rank is agreed by every rank
     params.grad[...] = shards[0]
     if comm.rank == comm.size - 1:
         params.grad[7] = np.nan
-    reducer.add_shard(params.grad)
-    reducer.finish()
-    assert np.isnan(params.grad).all()
+    sync.part_done()
+    assert sync.synchronize(StepFlags()).nonfinite == 1
 if comm.rank == 0:
     print(f"fixed_point {comm.size} {split} {digest}", flush=True)

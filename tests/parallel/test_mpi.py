@@ -1,4 +1,4 @@
-"""The MPI side under a real mpiexec: collectives, reducer, fixed point, and fault drills.
+"""The MPI side under a real mpiexec: collectives, gradient-sync paths, fixed point, and fault drills.
 
 Each test runs a script of tests/mpi/ on K ranks (1, 2 and 3 here: 3 ranks oversubscribe
 this 2-core machine, which MPICH's hydra allows). Fault drills check that the job ends
@@ -41,8 +41,8 @@ def test_collectives(mpirun, n):
 
 
 @pytest.mark.parametrize("n", SIZES)
-def test_reducer_overlap_on_and_off_equal_allreduce(mpirun, n):
-    _ok(mpirun("reducer.py", n), f"reducer ok {n}")
+def test_every_sync_path_gives_the_global_sum_and_flags(mpirun, n):
+    _ok(mpirun("sync_paths.py", n), f"sync ok {n}")
 
 
 def test_fixed_point_is_bitwise_identical_for_any_rank_count_and_split(mpirun):

@@ -1,6 +1,7 @@
-"""The reducer's pure parts: buckets, fixed-point arithmetic, and one-process behaviour.
+"""The gradient-sync paths' pure parts: buckets, fixed-point arithmetic, one-process behaviour,
+and which path the factory picks with its refusals.
 
-The multi-rank behaviour is in test_mpi.py (tests/mpi/reducer.py, tests/mpi/fixed_point.py).
+The multi-rank behaviour is in test_mpi.py (tests/mpi/sync_paths.py, tests/mpi/fixed_point.py).
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddtrain.parallel.comm import SingleProcess
-from ddtrain.parallel.reducer import (INT_BITS, GradientReducer, dequantize, fixed_point_exponent, make_buckets,
-                                  quantize_add)
+from ddtrain.config import load_config
+from ddtrain.engine.model import build_model
 from ddtrain.engine.params import FlatParams
+from ddtrain.errors import ConfigError
+from ddtrain.parallel.comm import SingleProcess
+from ddtrain.parallel.sync import FixedPointAllreduce, OneProcess, StepFlags, make_sync
+from ddtrain.parallel.sync.allreduce import make_buckets
+from ddtrain.parallel.sync.fixed_point import INT_BITS, dequantize, fixed_point_exponent, quantize_add
 
 MLP = [("1.weight", (512, 784)), ("1.bias", (512,)), ("3.weight", (512, 512)), ("3.bias", (512,)),
        ("5.weight", (10, 512)), ("5.bias", (10,))]
@@ -75,13 +80,13 @@ def test_worst_case_sum_does_not_overflow():
 
 
 def _fixed_point_sum(shards, order):
-    params = FlatParams([("w", (shards[0].size,))])
-    reducer = GradientReducer(SingleProcess(), params, mode="fixed_point")
+    model = build_model([{"type": "linear", "out": 1}], (shards[0].size - 1,))
+    sync = FixedPointAllreduce(SingleProcess(), model, n_shards=len(shards))
     for i in order:
-        params.grad[...] = shards[i]
-        reducer.add_shard(params.grad)
-    reducer.finish()
-    return params.grad.copy()
+        model.params.grad[...] = shards[i]
+        sync.part_done()
+    flags = sync.synchronize(StepFlags())
+    return model.params.grad.copy() if not flags.nonfinite else None
 
 
 @settings(max_examples=30, deadline=None)
@@ -112,26 +117,35 @@ def test_float32_sums_do_depend_on_order():
     assert _fixed_point_sum(shards, range(12)).tobytes() == _fixed_point_sum(shards, range(11, -1, -1)).tobytes()
 
 
-def test_fixed_point_nonfinite_gradient_becomes_nan_everywhere():
+def test_fixed_point_nonfinite_gradient_is_flagged():
     shards = [np.ones(4, np.float32), np.array([1, np.inf, 1, 1], np.float32)]
-    assert np.isnan(_fixed_point_sum(shards, [0, 1])).all()
+    assert _fixed_point_sum(shards, [0, 1]) is None
 
 
-def test_one_process_sum_mode_is_free_and_leaves_the_gradient():
-    params = FlatParams(MLP)
-    params.grad[...] = 0.25
-    reducer = GradientReducer(SingleProcess(), params, bucket_mb=0.1)
-    reducer.grads_ready(params.slots[4].start)
-    reducer.grads_ready(0)
-    assert reducer.finish() == 0.0 and not reducer.pending
-    assert (params.grad == 0.25).all()
+def test_one_process_leaves_the_gradient_and_checks_it():
+    model = build_model([{"type": "linear", "out": 3}], (5,))
+    sync = make_sync(load_config("tiny").dist, SingleProcess(), model)
+    assert isinstance(sync, OneProcess) and sync.on_grads_ready is None and not sync.weights_can_differ
+    model.params.grad[...] = 0.25
+    assert sync.synchronize(StepFlags(stop=2)) == StepFlags(stop=2, nonfinite=0)
+    assert (model.params.grad == 0.25).all() and sync.label == "none (one process)" and not sync.calls
+    model.params.grad[3] = np.nan
+    assert sync.synchronize(StepFlags()).nonfinite == 1
 
 
-def test_bad_arguments():
-    params = FlatParams(MLP)
-    with pytest.raises(ValueError, match="mode"):
-        GradientReducer(SingleProcess(), params, mode="mean")
+def test_deterministic_is_fixed_point_even_in_one_process():
+    """One process must give the bits N ranks give: the same micro-shards, the same sum."""
+    cfg = load_config("tiny", sets=["dist.deterministic=true"])
+    sync = make_sync(cfg.dist, SingleProcess(), build_model([{"type": "linear", "out": 3}], (5,)))
+    assert isinstance(sync, FixedPointAllreduce)
+    assert sync.batch_parts(10) == [(a, b) for a, b in sync.batch_parts(10)] and len(sync.batch_parts(10)) == 8
+    with pytest.raises(ConfigError, match="micro_shards"):
+        class Two(SingleProcess):
+            size = 2
+        FixedPointAllreduce(Two(), build_model([{"type": "linear", "out": 3}], (5,)), n_shards=1)
+
+
+def test_bucket_size_must_be_positive():
+    from ddtrain.parallel.sync import MPIAllreduce
     with pytest.raises(ValueError, match="bucket_mb"):
-        GradientReducer(SingleProcess(), params, bucket_mb=0)
-    with pytest.raises(RuntimeError, match="fixed_point"):
-        GradientReducer(SingleProcess(), params).add_shard(params.grad)
+        MPIAllreduce(SingleProcess(), build_model([{"type": "linear", "out": 3}], (5,)), overlap=True, bucket_mb=0)

@@ -1,5 +1,5 @@
-"""ddtrain.parallel.shm: the part arithmetic (pure), buffer moves, and NodeShards' reduction over a
-real MPICommunicator under mpiexec. The sharded step inside `ddtrain train` (the default on one
+"""ddtrain.parallel.node and the shared-memory sync: the part arithmetic (pure), buffer moves, and
+NodeSharedMemory's reduction over a real MPICommunicator under mpiexec. The sharded step inside `ddtrain train` (the default on one
 node) is tested end to end in tests/train/test_shared_memory.py.
 """
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ddtrain.parallel.shm import ALIGN_BYTES, part_bounds
+from ddtrain.parallel.node import ALIGN_BYTES, part_bounds
 from tests.helpers import PYTHON, REPO, mpiexec
 
 
@@ -55,23 +55,27 @@ FLAGS_SCRIPT = """
 import sys
 import numpy as np
 from ddtrain.parallel.mpi import MPICommunicator
-from ddtrain.parallel.shm import NodeShards
+from ddtrain.parallel.sync import NodeSharedMemory, StepFlags
 from ddtrain.engine.model import build_model
 from ddtrain.engine.optim import make_optimizer
 
-node = MPICommunicator(watchdog=False)
+comm = MPICommunicator(watchdog=False)
 model = build_model([{"type": "flatten"}, {"type": "linear", "out": 5}], (3, 7), seed=0)
 start = model.params.data.copy()
-shards = NodeShards(node, model)
+shards = NodeSharedMemory(comm, model)
 opt = make_optimizer("sgd", shards.params, momentum=0.0)
-r, L = node.local_rank, node.local_size
+r, L = comm.local_rank, comm.local_size
 model.params.grad[...] = r + 1.0          # rank r's gradient: r + 1 everywhere
-flags = np.array([r, 1 if r == L - 1 else 0], dtype=np.int64)
-shards.reduce(flags)
+if r == L - 1:
+    model.params.grad[0] = np.nan         # this rank's own gradient is non-finite
+flags = shards.synchronize(StepFlags(stop=r))
+assert flags == StepFlags(stop=L * (L - 1) // 2, nonfinite=1), flags
+shards.after_update()                     # a skipped step still publishes
+model.params.grad[...] = r + 1.0
+assert shards.synchronize(StepFlags(stop=0)) == StepFlags()
 opt.step(0.5)
-shards.publish()
+shards.after_update()
 total = L * (L + 1) / 2                   # the summed gradient
-assert list(flags) == [L * (L - 1) // 2, 1], flags
 np.testing.assert_allclose(model.params.data, start - 0.5 * np.float32(total), rtol=1e-6)
 with open(f"{sys.argv[1]}/rank{r}.txt", "w") as f:  # a file, not stdout: hydra may drop a fast rank's output
     f.write(f"{shards.start} {shards.stop}")
