@@ -11,9 +11,10 @@ from types import ModuleType
 
 import numpy as np
 
+from ddtrain import choices
 from ddtrain.errors import ConfigError
 
-DEVICES = ("cpu", "gpu", "auto")
+DEVICES = choices.DEVICES
 
 
 def _import_cupy() -> ModuleType | None:

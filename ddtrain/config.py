@@ -12,7 +12,6 @@ Every rank resolves the same config; `Config.digest()` is what ranks compare at 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import typing
@@ -22,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from ddtrain import choices
 from ddtrain.errors import ConfigError
 
 
@@ -126,13 +126,13 @@ class Config:
 
 
 CHOICES = {
-    ("model", "init"): ("pytorch", "he", "xavier"),
-    ("model", "loss"): ("cross_entropy", "mse", "hinge"),
-    ("optimizer", "name"): ("sgd", "adam", "adamw"),
-    ("schedule", "name"): ("constant", "step", "cosine"),
-    ("data", "normalize"): ("standard", "unit"),
-    ("train", "nonfinite"): ("stop", "skip"),
-    ("chaos", "action"): ("kill", "stop", "raise", "nan", "diverge"),
+    ("model", "init"): choices.INIT_SCHEMES,
+    ("model", "loss"): choices.LOSSES,
+    ("optimizer", "name"): choices.OPTIMIZERS,
+    ("schedule", "name"): choices.SCHEDULES,
+    ("data", "normalize"): choices.NORMALIZE,
+    ("train", "nonfinite"): choices.NONFINITE,
+    ("chaos", "action"): choices.CHAOS_ACTIONS,
 }
 
 # (section, key): (lowest allowed, whether the lowest is excluded)
@@ -166,9 +166,7 @@ RANGES = {
 }
 
 
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_did_you_mean = choices.did_you_mean
 
 
 def _check_value(where: str, value: Any, annotation: Any) -> Any:
@@ -239,8 +237,11 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{sec}.{key} must be {op} {low}, got {v}")
     if not isinstance(cfg.model.layers, list) or not cfg.model.layers:
         raise ConfigError("model.layers must be a non-empty list of layer specs like {type: linear, out: 10}")
-    if not cfg.data.dataset.startswith("torchvision:") and cfg.data.dataset != "fashion-mnist":
-        raise ConfigError(f"data.dataset must be fashion-mnist or torchvision:NAME, not {cfg.data.dataset!r}")
+    from ddtrain.data.registry import resolve  # the one place dataset names are known
+    try:
+        resolve(cfg.data.dataset)
+    except ConfigError as e:
+        raise ConfigError(f"data.dataset: {e}") from None
 
 
 def bundled_configs() -> dict[str, Path]:

@@ -13,13 +13,14 @@ to base_lr (so no step is wasted with a zero rate).
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 
+from ddtrain import choices
+from ddtrain.choices import unknown
 from ddtrain.errors import ConfigError
 
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = choices.SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,7 @@ def make_schedule(name: str, base_lr: float, total_steps: int, warmup_steps: int
                   step_size: int | None = None, gamma: float = 0.1, min_lr: float = 0.0) -> Schedule:
     """A schedule by name; ConfigError for an unknown name or values that make no sense."""
     if name not in SCHEDULES:
-        close = difflib.get_close_matches(str(name), SCHEDULES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown lr schedule {name!r}{hint}; valid: {', '.join(SCHEDULES)}")
+        raise ConfigError(unknown("lr schedule", name, SCHEDULES))
     if not base_lr > 0:
         raise ConfigError(f"learning rate must be > 0, not {base_lr}")
     if warmup_steps < 0:

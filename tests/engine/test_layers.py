@@ -6,6 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
+from tests.helpers import require
+
 from ddtrain.engine.context import BatchContext
 from ddtrain.engine.gradcheck import check_layer
 from ddtrain.engine.layers import Dropout, Flatten, Linear, ReLU, Sigmoid, Tanh
@@ -37,7 +39,7 @@ def single_layer_model(layer, in_shape, dtype=np.float64, **kw):
 
 
 def test_linear_forward_backward_match_torch():
-    torch = pytest.importorskip("torch")
+    torch = require("torch", "torch is the comparison reference: pip install torch")
     rng = np.random.default_rng(0)
     model = single_layer_model(Linear(6), (5,))
     lin = model.layers[0]

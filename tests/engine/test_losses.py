@@ -1,7 +1,9 @@
-"""Losses: gradient checks, seed 003's softmax gradient, stability, PyTorch parity, registry."""
+"""Losses: gradient checks, the softmax gradient (softmax - onehot), stability, PyTorch parity, registry."""
 
 import numpy as np
 import pytest
+
+from tests.helpers import require
 
 from ddtrain.engine.gradcheck import check_loss
 from ddtrain.engine.losses import LOSSES, MeanSquaredError, MulticlassHinge, SoftmaxCrossEntropy, make_loss
@@ -20,7 +22,7 @@ def test_loss_gradients_match_central_differences(name):
 
 
 def test_softmax_cross_entropy_gradient_is_softmax_minus_onehot_over_batch():
-    """Seed 003: dL/dZ = Y_hat - Y (per sample), averaged over the m samples."""
+    """The softmax/cross-entropy derivation: dL/dZ = Y_hat - Y (per sample), averaged over the m samples."""
     logits, labels = random_batch()
     n, c = logits.shape
     loss = SoftmaxCrossEntropy()
@@ -52,7 +54,7 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits():
 
 
 def test_losses_match_torch_functional():
-    torch = pytest.importorskip("torch")
+    torch = require("torch", "torch is the comparison reference: pip install torch")
     F = torch.nn.functional
     logits, labels = random_batch(n=7, c=5)
     n, c = logits.shape

@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 
+from tests.helpers import require
+
 from ddtrain.engine.optim import OPTIMIZERS, make_optimizer
 from ddtrain.engine.params import FlatParams
 from ddtrain.engine.schedules import make_schedule
@@ -62,7 +64,7 @@ TORCH_CASES = [
 
 @pytest.mark.parametrize("name, hyper", TORCH_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(TORCH_CASES)])
 def test_optimizers_match_torch_step_by_step(name, hyper):
-    torch = pytest.importorskip("torch")
+    torch = require("torch", "torch is the comparison reference: pip install torch")
     steps, lrs = 6, [0.1, 0.05, 0.05, 0.02, 0.2, 0.01]  # the rate changes, as under a schedule
     params = flat_params()
     tensors = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in params.state_dict().values()]

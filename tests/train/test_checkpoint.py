@@ -9,6 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.helpers import require
+
 from ddtrain.errors import CheckpointError
 from ddtrain.train.checkpoint import (find_resume_checkpoint, load_checkpoint, read_latest_pointer,
                                       save_checkpoint)
@@ -37,7 +39,8 @@ def test_round_trip_is_exact(tmp_path):
 
 
 def test_torch_reads_weights_without_ddtrain(tmp_path):
-    torch = pytest.importorskip("safetensors.torch", reason="torch not installed (optional comparison tool)")
+    require("torch", "torch is the comparison reference: pip install torch")
+    torch = require("safetensors.torch", "safetensors.torch needs torch")
     path = save(tmp_path, 3)
     loaded = torch.load_file(str(path / "model.safetensors"))
     assert tuple(loaded["1.weight"].shape) == (4, 3)

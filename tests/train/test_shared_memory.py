@@ -135,10 +135,11 @@ NODE_SYNC_HANG = """
 import time
 from ddtrain.parallel.mpi import MPICommunicator
 comm = MPICommunicator(timeout=2.0)
-a = comm.shared_array((4,), "float32")
+node = comm.node()
+a = node.shared_array((4,), "float32")
 comm.set_step(7)
 if comm.rank == 0:
-    comm.node_sync()  # rank 1 never comes: the watchdog must name this call
+    node.node_sync()  # rank 1 never comes: the watchdog must name this call
 else:
     time.sleep(30)  # alive (heartbeats go on) but not in the collective
 """

@@ -1,4 +1,4 @@
-"""The worked examples of the user's seed notes (/work/shared/seeds), computed by the engine's layers."""
+"""Worked examples of backpropagation (chain rule, gates, matrix derivatives, a 2-layer net, softmax), computed by the engine's layers."""
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ def model_with(layers, in_shape, weights):
 
 
 def test_chain_rule_add_then_multiply_gate():
-    """Seed 002: f(x, y, z) = (x + y) z at (-2, 5, -4): df/dx = df/dy = z = -4, df/dz = x + y = 3.
+    """The backprop notes' gate example: f(x, y, z) = (x + y) z at (-2, 5, -4): df/dx = df/dy = z = -4, df/dz = x + y = 3.
 
     q = x + y is a bias-free Linear with weights [1, 1] (the add gate); f = q z is a bias-free
     Linear with weight [z] (the multiply gate), so df/dz is that weight's gradient.
@@ -32,14 +32,14 @@ def test_chain_rule_add_then_multiply_gate():
 
 
 def test_sigmoid_gate_at_one():
-    """Seed 002: L = 1 / (1 + e^-x) at x = 1 gives dL/dx = sigma (1 - sigma) = 0.1966 (0.20 in the notes)."""
+    """The backprop notes' sigmoid: L = 1 / (1 + e^-x) at x = 1 gives dL/dx = sigma (1 - sigma) = 0.1966 (0.20 in the notes)."""
     model = model_with([Sigmoid()], (1,), {})
     assert model.forward(np.array([[1.0]]), train=True)[0, 0] == pytest.approx(0.7311, abs=1e-4)
     assert model.backward(np.array([[1.0]]))[0, 0] == pytest.approx(0.1966, abs=1e-4)
 
 
 def test_squared_norm_of_a_matrix_vector_product():
-    """Seed 002: f(W, x) = ||W x||^2 with q = W x: f = 0.116, df/dq = 2q, df/dW = 2 q x^T, df/dx = 2 W^T q."""
+    """The backprop notes' matrix example: f(W, x) = ||W x||^2 with q = W x: f = 0.116, df/dq = 2q, df/dW = 2 q x^T, df/dx = 2 W^T q."""
     W = [[0.1, 0.5], [-0.3, 0.8]]
     model = model_with([Linear(2, bias=False)], (2,), {"0.weight": W})
     q = model.forward(np.array([[0.2, 0.4]]), train=True).copy()
@@ -51,7 +51,7 @@ def test_squared_norm_of_a_matrix_vector_product():
 
 
 def test_two_layer_sigmoid_network_matches_the_notes_hand_backprop():
-    """Seed 001's numpy 2-layer net: h = sigmoid(x w1), y_pred = h w2, loss = sum (y_pred - y)^2.
+    """The vectorised-gradient notes' numpy 2-layer net: h = sigmoid(x w1), y_pred = h w2, loss = sum (y_pred - y)^2.
 
     The notes store w as (in, out); the engine stores PyTorch's (out, in), hence the transposes.
     """
@@ -76,7 +76,7 @@ def test_two_layer_sigmoid_network_matches_the_notes_hand_backprop():
 
 
 def test_relu_softmax_network_matches_the_notes_derivation():
-    """Seed 004: Z1 = W1 X + b1, A1 = ReLU(Z1), Z2 = W2 A1 + b2, Y_hat = softmax(Z2), samples in columns;
+    """The hand-derived MLP: Z1 = W1 X + b1, A1 = ReLU(Z1), Z2 = W2 A1 + b2, Y_hat = softmax(Z2), samples in columns;
     DZ2 = Y_hat - Y, DW2 = DZ2 A1^T / m, Db2 = sum(DZ2) / m, DZ1 = W2^T DZ2 * ReLU'(Z1),
     DW1 = DZ1 X^T / m (the notes' (19) writes DZ2, a typo: the shapes only fit DZ1), Db1 = sum(DZ1) / m.
     """
