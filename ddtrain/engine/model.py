@@ -14,7 +14,6 @@ trainer allreduce finished buckets while backward continues (`on_grads_ready`).
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Callable
 
@@ -25,6 +24,7 @@ from ddtrain.engine.conv import AvgPool2d, Conv2d, MaxPool2d
 from ddtrain.engine.layers import INIT_SCHEMES, Dropout, Flatten, Layer, Linear, ReLU, Sigmoid, Tanh
 from ddtrain.engine.norm import BatchNorm1d, BatchNorm2d
 from ddtrain.engine.params import FlatParams
+from ddtrain.choices import unknown
 from ddtrain.errors import ConfigError
 
 
@@ -273,10 +273,7 @@ _ARG_NAMES = {"out": "out_features", "bias": "bias", "p": "p", "kernel": "kernel
 _ARG_NAMES_BY_TYPE = {("conv2d", "out"): "out_channels"}  # where a type names an argument its own way
 
 
-def _unknown(what: str, value, valid) -> str:
-    close = difflib.get_close_matches(str(value), list(valid), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {what} {value!r}{hint}; valid: {', '.join(valid)}"
+_unknown = unknown
 
 
 def make_layer(spec: dict, index: int = 0) -> Layer:
@@ -304,7 +301,10 @@ def make_layer(spec: dict, index: int = 0) -> Layer:
     missing = [k for k, (_, required) in keys.items() if required and k not in spec]
     if missing:
         raise ConfigError(f"{where}: missing key {missing[0]!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # values that are wrong together (pooling padding > kernel / 2)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def build_model(layer_specs: list[dict], in_shape: tuple, backend: Backend = CPU, init: str = "pytorch",

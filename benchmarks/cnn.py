@@ -1,0 +1,248 @@
+"""ddtrain's convolution layers against PyTorch on two FashionMNIST CNNs, one BLAS thread.
+
+usage: python benchmarks/cnn.py [--rounds 7] [--steps 10] [--batch 128] [--json out.json]
+
+The two models (per-sample input (1, 28, 28)):
+  cnn     Conv(1->32, 3, p1)-ReLU-MaxPool2-Conv(32->64, 3, p1)-ReLU-MaxPool2-Flatten-
+          Linear(3136->128)-ReLU-Dropout(0.5)-Linear(128->10)
+  cnn-bn  the same with BatchNorm2d after each convolution
+One training step: forward in train mode, softmax cross-entropy averaged over the batch,
+backward (no input gradient), SGD with momentum 0.9. Both start from the same weights (ddtrain's
+state dict loaded into the torch.nn.Sequential with strict=True) and see the same batch.
+
+Rounds alternate ddtrain and torch (so machine noise hits both alike); each round times
+--steps steps after one warm-up step; the table shows medians and the [min, max] spread of
+samples/s. The limit is what the model's FLOPs allow at this machine's measured single-thread
+sgemm rate (a 2048^3 product): limit = sgemm FLOP/s / training FLOPs per sample, where training
+counts forward, the weight gradients and the input gradients backward needs (2 FLOPs per
+multiply-add). The per-layer profile is ddtrain's forward and backward time per layer, median
+over rounds, from a separate layer-by-layer step.
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":  # one thread, before numpy and torch load their BLAS (not when imported)
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ddtrain.engine.context import single_batch  # noqa: E402
+from ddtrain.engine.losses import make_loss  # noqa: E402
+from ddtrain.engine.model import build_model  # noqa: E402
+from ddtrain.engine.optim import make_optimizer  # noqa: E402
+
+IN_SHAPE = (1, 28, 28)
+LR, MOMENTUM = 0.01, 0.9
+
+
+def layers(batchnorm: bool) -> list[dict]:
+    bn = [{"type": "batchnorm2d"}] if batchnorm else []
+    return ([{"type": "conv2d", "out": 32, "kernel": 3, "padding": 1}, *bn, {"type": "relu"},
+             {"type": "maxpool2d", "kernel": 2},
+             {"type": "conv2d", "out": 64, "kernel": 3, "padding": 1}, *bn, {"type": "relu"},
+             {"type": "maxpool2d", "kernel": 2},
+             {"type": "flatten"}, {"type": "linear", "out": 128}, {"type": "relu"}, {"type": "dropout", "p": 0.5},
+             {"type": "linear", "out": 10}])
+
+
+MODELS = {"cnn": layers(False), "cnn-bn": layers(True)}
+
+
+def torch_model(specs: list[dict], in_shape: tuple):
+    """The torch.nn.Sequential of the same layer list (same indices, so the same state-dict keys)."""
+    from torch import nn
+    out, shape = [], in_shape
+    for spec in specs:
+        kind = spec["type"]
+        if kind == "conv2d":
+            out.append(nn.Conv2d(shape[0], spec["out"], spec["kernel"], spec.get("stride", 1), spec.get("padding", 0),
+                                 bias=spec.get("bias", True)))
+        elif kind == "batchnorm2d":
+            out.append(nn.BatchNorm2d(shape[0]))
+        elif kind == "batchnorm1d":
+            out.append(nn.BatchNorm1d(shape[0]))
+        elif kind == "maxpool2d":
+            out.append(nn.MaxPool2d(spec["kernel"], spec.get("stride"), spec.get("padding", 0)))
+        elif kind == "avgpool2d":
+            out.append(nn.AvgPool2d(spec["kernel"], spec.get("stride"), spec.get("padding", 0)))
+        elif kind == "linear":
+            out.append(nn.Linear(int(np.prod(shape)), spec["out"], bias=spec.get("bias", True)))
+        elif kind == "flatten":
+            out.append(nn.Flatten())
+        elif kind == "relu":
+            out.append(nn.ReLU())
+        elif kind == "dropout":
+            out.append(nn.Dropout(spec.get("p", 0.5)))
+        else:
+            raise ValueError(f"no torch equivalent for {kind!r} here")
+        import torch
+        with torch.no_grad():
+            shape = tuple(out[-1](torch.zeros((2, *shape))).shape[1:])
+    return nn.Sequential(*out)
+
+
+def training_flops(model) -> int:
+    """FLOPs of one sample's training step: forward, plus per parameterised layer its weight
+    gradient (as many FLOPs as its forward) and, where backward needs it, its input gradient."""
+    total = 0
+    for layer, f in zip(model.layers, model.flops()):
+        total += f
+        if layer.params:
+            total += f * (2 if layer.needs_input_grad else 1)
+    return total
+
+
+def sgemm_rate() -> float:
+    """FLOP/s of numpy's float32 matrix product of two 2048 x 2048 matrices, best of 5."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    c = np.empty_like(a)
+    np.matmul(a, a, out=c)
+    best = min(_seconds(lambda: np.matmul(a, a, out=c)) for _ in range(5))
+    return 2 * 2048 ** 3 / best
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+class DDTrainRun:
+    def __init__(self, specs, x, y):
+        self.model = build_model(specs, IN_SHAPE, seed=0)
+        self.loss = make_loss("cross_entropy")
+        self.opt = make_optimizer("sgd", self.model.params, momentum=MOMENTUM)
+        self.x, self.y, self.t = x, y, 0
+
+    def step(self):
+        m, n = self.model, len(self.x)
+        m.set_batch_context(single_batch(0, self.t, n))
+        self.loss.forward(m.forward(self.x, train=True), self.y)
+        m.backward(self.loss.backward(1.0 / n))
+        self.opt.step(LR)
+        self.t += 1
+
+    def layer_times(self) -> list[tuple[float, float]]:
+        """(forward s, backward s) of each layer in one training step (the update excluded)."""
+        m, n = self.model, len(self.x)
+        m.set_batch_context(single_batch(0, self.t, n))
+        fwd, bwd, h = [], [], self.x
+        for layer in m.layers:
+            t = time.perf_counter()
+            h = layer.forward(h, True)
+            fwd.append(time.perf_counter() - t)
+        self.loss.forward(h, self.y)
+        d = self.loss.backward(1.0 / n)
+        bwd = [0.0] * len(m.layers)
+        for i in range(len(m.layers) - 1, -1, -1):
+            if i < m._stop:
+                break
+            t = time.perf_counter()
+            d = m.layers[i].backward(d)
+            bwd[i] = time.perf_counter() - t
+        self.t += 1
+        return list(zip(fwd, bwd))
+
+
+class TorchRun:
+    def __init__(self, specs, state, x, y):
+        import torch
+        torch.set_num_threads(1)
+        self.torch = torch
+        self.model = torch_model(specs, IN_SHAPE)
+        self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+        self.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+
+    def step(self):
+        F = self.torch.nn.functional
+        self.opt.zero_grad()
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
+
+
+def rate(run, steps: int, batch: int) -> float:
+    run.step()  # warm-up
+    return steps * batch / _seconds(lambda: [run.step() for _ in range(steps)])
+
+
+def spread(values) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def measure(name: str, rounds: int, steps: int, batch: int, with_torch: bool = True) -> dict:
+    specs = MODELS[name]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch, *IN_SHAPE), dtype=np.float32)
+    y = rng.integers(0, 10, batch)
+    ours = DDTrainRun(specs, x, y)
+    theirs = TorchRun(specs, ours.model.state_dict(), x, y) if with_torch else None
+    rates = {"ddtrain": [], "torch": []}
+    profiles = []
+    for _ in range(rounds):
+        rates["ddtrain"].append(rate(ours, steps, batch))
+        if theirs is not None:
+            rates["torch"].append(rate(theirs, steps, batch))
+        profiles.append(ours.layer_times())
+    per_layer = [{"layer": layer.describe(),
+                  "forward_ms": 1e3 * statistics.median(p[i][0] for p in profiles),
+                  "backward_ms": 1e3 * statistics.median(p[i][1] for p in profiles)}
+                 for i, layer in enumerate(ours.model.layers)]
+    return {"model": name, "batch": batch, "rounds": rounds, "steps": steps,
+            "train_flops_per_sample": training_flops(ours.model),
+            "ddtrain": spread(rates["ddtrain"]), "torch": spread(rates["torch"]) if theirs else None,
+            "per_layer": per_layer}
+
+
+def render(results: list[dict], sgemm: float) -> str:
+    lines = [f"one BLAS thread; sgemm {sgemm / 1e9:.1f} GFLOP/s (2048^3, best of 5); samples/s: median [min, max]", ""]
+    head = f"{'model':<8} {'MFLOP/sample':>12} {'limit':>7} {'ddtrain':>22} {'torch':>22} {'ratio':>6} {'of limit':>8}"
+    lines += [head, "-" * len(head)]
+    for r in results:
+        limit = sgemm / r["train_flops_per_sample"]
+        d, t = r["ddtrain"], r["torch"]
+        ds = f"{d['median']:,.0f} [{d['min']:,.0f}, {d['max']:,.0f}]"
+        ts = f"{t['median']:,.0f} [{t['min']:,.0f}, {t['max']:,.0f}]" if t else "-"
+        ratio = f"{d['median'] / t['median']:.2f}x" if t else "-"
+        lines.append(f"{r['model']:<8} {r['train_flops_per_sample'] / 1e6:>12.2f} {limit:>7,.0f} {ds:>22} {ts:>22} "
+                     f"{ratio:>6} {d['median'] / limit:>8.0%}")
+    for r in results:
+        lines += ["", f"{r['model']}: ddtrain per layer, ms per step of {r['batch']} (median of {r['rounds']})"]
+        width = max(len(p["layer"]) for p in r["per_layer"])
+        lines.append(f"  {'layer':<{width}} {'forward':>8} {'backward':>9}")
+        for p in r["per_layer"]:
+            lines.append(f"  {p['layer']:<{width}} {p['forward_ms']:>8.2f} {p['backward_ms']:>9.2f}")
+        tf = sum(p["forward_ms"] for p in r["per_layer"])
+        tb = sum(p["backward_ms"] for p in r["per_layer"])
+        lines.append(f"  {'total':<{width}} {tf:>8.2f} {tb:>9.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--models", default="cnn,cnn-bn", help="comma-separated: cnn, cnn-bn")
+    p.add_argument("--no-torch", action="store_true", help="ddtrain only (no torch installed)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    sgemm = sgemm_rate()
+    results = [measure(m, args.rounds, args.steps, args.batch, not args.no_torch) for m in args.models.split(",")]
+    print(render(results, sgemm))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"sgemm_flops": sgemm, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
