@@ -96,9 +96,9 @@ def save_checkpoint(root: Path, step: int, model: dict[str, np.ndarray],
             shutil.rmtree(tmp)
         tmp.mkdir()
         blobs = {
-            "model.safetensors": st_save({k: np.ascontiguousarray(v) for k, v in model.items()},
+            "model.safetensors": st_save({k: np.asarray(v, order="C") for k, v in model.items()},
                                          metadata={"format": "pt"}),
-            "optimizer.safetensors": st_save({k: np.ascontiguousarray(v) for k, v in optimizer.items()}),
+            "optimizer.safetensors": st_save({k: np.asarray(v, order="C") for k, v in optimizer.items()}),
             "state.json": json.dumps(state, indent=1, sort_keys=True).encode(),
         }
         for name, data in blobs.items():

@@ -55,10 +55,10 @@ def evaluate_checkpoint(path: Path, data_dir=None, device: str = "auto", warn=pr
     cfg = config_from_dict(ckpt.state["config"])
     backend = resolve_backend(device)
     data = load_dataset(cfg.data.dataset, data_dir, train_samples=None)
-    model = build_model(cfg.model.layers, tuple(data.test_x.shape[1:]), backend, init=cfg.model.init,
+    model = build_model(cfg.model.layers, data.input_shape, backend, init=cfg.model.init,
                         seed=cfg.train.seed)
     try:
-        model.params.load_state_dict(ckpt.model)
+        model.load_state_dict(ckpt.model)
     except ValueError as e:
         raise CheckpointError(f"{ckpt.path.name}: does not fit its own config's model: {e}") from None
     test_x = backend.from_host(data.test_x)
