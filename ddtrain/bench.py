@@ -209,9 +209,10 @@ class Runner:
         import numpy as np
 
         from ddtrain.config import load_config
+        from ddtrain.data.registry import input_shape
         from ddtrain.engine.model import build_model
         cfg = load_config("mlp")
-        model = build_model(cfg.model.layers, (28, 28), init=cfg.model.init, seed=cfg.train.seed)
+        model = build_model(cfg.model.layers, input_shape(cfg.data.dataset), init=cfg.model.init, seed=cfg.train.seed)
         np.savez(self.weights, **model.params.state_dict())
 
     @staticmethod

@@ -199,9 +199,10 @@ def evaluate(checkpoint, data_dir, device, as_json):
 def gradcheck(config):
     """Numerical gradient check (float64, central differences) of a config's model and loss."""
     from ddtrain.config import load_config
+    from ddtrain.data.registry import input_shape
     from ddtrain.engine.gradcheck import format_table, gradcheck_config
     cfg = load_config(config)
-    in_shape = (28, 28)
+    in_shape = input_shape(cfg.data.dataset)
     rows = gradcheck_config(cfg.model.layers, in_shape, cfg.model.loss)
     click.echo(format_table(rows))
     if not all(r[-1] for r in rows):
@@ -227,19 +228,39 @@ def data():
 @data.command("info")
 @click.option("--data-dir", type=click.Path())
 def data_info(data_dir):
-    """Where ddtrain looks for FashionMNIST, and what it finds."""
-    from ddtrain.data.datasets import info
-    for line in info(data_dir):
-        click.echo(line)
+    """Where ddtrain looks for FashionMNIST, and what it finds (never fails on missing or bad data)."""
+    from ddtrain.data import fashion_mnist as fm
+    from ddtrain.data.idx import read_header
+    from ddtrain.errors import DataError
+    click.echo(f"dataset: {fm.NAME}, {len(fm.CLASSES)} classes: {', '.join(fm.CLASSES)}")
+    click.echo("search order:")
+    candidates = fm.search(data_dir)
+    for c in candidates:
+        state = "ok" if c.ok else "not found" if not c.files else f"incomplete, lacks {', '.join(c.missing)}"
+        click.echo(f"  {c.how}: {c.path} ({state})")
+    chosen = next((c for c in candidates if c.ok), None)
+    if chosen is None:
+        click.echo(f"using: none; {fm.HOW_TO_GET}")
+        return
+    click.echo(f"using: {chosen.path} ({chosen.how})")
+    for f in fm.FILES:
+        path = chosen.files[f.key]
+        try:
+            desc = "x".join(map(str, read_header(path)[1])) + " uint8"
+        except DataError as e:
+            desc = f"BAD: {e}"
+        click.echo(f"  {path.name:<30} {path.stat().st_size:>10} bytes  {desc}")
 
 
 @data.command("verify")
 @click.option("--data-dir", type=click.Path())
 def data_verify(data_dir):
     """Check every file's sha256 (of its decompressed bytes) against the known-good values."""
-    from ddtrain.data.datasets import verify
-    for line in verify(data_dir):
-        click.echo(line)
+    from ddtrain.data.fashion_mnist import verify
+    directory, checked = verify(data_dir)
+    click.echo(f"checking {directory}")
+    for f, path in checked:
+        click.echo(f"  ok  {path.name:<30} sha256 {f.sha256[:16]}...")
 
 
 @data.command("download")
@@ -247,7 +268,7 @@ def data_verify(data_dir):
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per connection.")
 def data_download(dest, timeout):
     """Fetch FashionMNIST from the upstream mirrors, with hash checks."""
-    from ddtrain.data.datasets import download
+    from ddtrain.data.download import download
     path = download(dest, timeout=timeout, log=click.echo)
     click.echo(f"FashionMNIST is in {path}")
 

@@ -30,7 +30,7 @@ def skip_or_fail(reason: str):
 
 def data_dir() -> Path:
     """The real FashionMNIST: $DDTRAIN_DATA, else ../shared/data/fashion-mnist."""
-    from ddtrain.data.datasets import FILES, find_files
+    from ddtrain.data.fashion_mnist import FILES, find_files
     d = Path(os.environ.get("DDTRAIN_DATA") or SHARED_DATA)
     if len(find_files(d)) != len(FILES):
         skip_or_fail(f"real FashionMNIST not found in {d} (set DDTRAIN_DATA)")

@@ -9,7 +9,11 @@ inside the functions here, so ddtrain never depends on it.
 Supported: datasets whose constructor takes ``(root, train=bool, download=bool)`` or
 ``(root, split="train"|"test", download=bool)`` and whose items are (PIL image, int
 label): MNIST, KMNIST, QMNIST, FashionMNIST, CIFAR10, CIFAR100, SVHN, USPS, ...
-Images are kept as (N, H, W) for one channel, (N, H, W, C) otherwise.
+Images are stored and returned channels first, (N, C, H, W) as `Dataset` says: the
+conversion turns torchvision's (N, H, W) and (N, H, W, C) (PIL's layout) into it once,
+so no batch ever transposes. Converted files written before that layout was fixed
+(no ``layout`` entry: (N, H, W) or (N, H, W, C)) are converted on their first load and
+rewritten.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ddtrain.data.datasets import Dataset, cache_root, pixel_stats
+from ddtrain.data.cache import cache_root
+from ddtrain.data.dataset import Dataset
+from ddtrain.data.transforms import pixel_stats
 from ddtrain.errors import DataError
 
 _KEYS = ("train_x", "train_y", "test_x", "test_y")
+LAYOUT = "NCHW"  # of the images in a converted file; written as its ``layout`` entry
 
 
 def npz_path(name: str, root: str | os.PathLike | None = None) -> Path:
@@ -86,11 +93,12 @@ def _open(cls, name: str, root: Path, split: str, download: bool):
 
 
 def _to_arrays(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, H, W[, C]), labels int64 (N,)) of a torchvision dataset.
+    """(images uint8 (N, C, H, W), labels int64 (N,)) of a torchvision dataset.
 
-    Fast path: the dataset's own ``data``/``targets`` arrays, used only when they
-    agree with what indexing returns for the first sample (SVHN, for one, stores
-    channels first). Otherwise every item is read (slow, but once).
+    Fast path: the dataset's own ``data``/``targets`` arrays, (N, H, W), (N, H, W, C)
+    (CIFAR) or (N, C, H, W) (SVHN), used only when, read channels first, they agree
+    with what indexing returns for the first sample. Otherwise every item is read
+    (slow, but once).
     """
     n = len(ds)
     if n == 0:
@@ -102,8 +110,10 @@ def _to_arrays(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
         targets = getattr(ds, "labels", None)
     if data is not None and targets is not None:
         x = np.asarray(data)
-        if x.dtype == np.uint8 and len(x) == n and len(targets) == n and np.array_equal(x[0], first):
-            return np.ascontiguousarray(x), np.asarray(targets, dtype=np.int64)
+        if x.dtype == np.uint8 and len(x) == n and len(targets) == n:
+            for chw in _channels_first_readings(x):
+                if np.array_equal(chw[0], first):
+                    return np.ascontiguousarray(chw), np.asarray(targets, dtype=np.int64)
     x = np.empty((n, *first.shape), dtype=np.uint8)
     y = np.empty(n, dtype=np.int64)
     for i in range(n):
@@ -113,11 +123,21 @@ def _to_arrays(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _channels_first_readings(x: np.ndarray) -> list[np.ndarray]:
+    """Views of a dataset's image array (N, ...) as (N, C, H, W), each a way it may be stored."""
+    if x.ndim == 3:
+        return [x[:, None]]  # (N, H, W): one channel
+    if x.ndim == 4:
+        return [x.transpose(0, 3, 1, 2), x]  # (N, H, W, C) as PIL gives it, or already (N, C, H, W)
+    return []
+
+
 def _image_array(img, name: str) -> np.ndarray:
+    """One item's image (PIL (H, W) or (H, W, C)) as a uint8 (C, H, W) view."""
     a = np.asarray(img)
     if a.dtype != np.uint8 or a.ndim not in (2, 3):
         raise DataError(f"torchvision:{name}: items are {a.dtype} {a.shape}, not uint8 images (H, W[, C])")
-    return a
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def _write_npz(path: Path, ds: Dataset) -> None:
@@ -129,6 +149,7 @@ def _write_npz(path: Path, ds: Dataset) -> None:
                 f,
                 **{k: getattr(ds, k) for k in _KEYS},
                 classes=np.array(ds.classes, dtype=np.str_),
+                layout=np.str_(LAYOUT),
                 mean=np.float64(ds.mean),
                 std=np.float64(ds.std),
             )
@@ -146,8 +167,18 @@ def _read_npz(name: str, path: Path) -> Dataset:
             arrays = {k: z[k] for k in _KEYS}
             classes = [str(c) for c in z["classes"]]
             mean, std = float(z["mean"]), float(z["std"])
+            layout = str(z["layout"]) if "layout" in z.files else None
     except Exception as e:  # BadZipFile, KeyError, ValueError (pickled object arrays)...
         raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); delete it to convert again") from None
+    if layout not in (None, LAYOUT):
+        raise DataError(f"{path}: images stored as {layout}, ddtrain reads {LAYOUT}; delete it to convert again")
+    if layout is None:  # written before the layout was fixed: channels last, or no channel axis
+        for k in ("train_x", "test_x"):
+            readings = _channels_first_readings(arrays[k])  # the first: how ddtrain wrote them
+            if readings:
+                arrays[k] = np.ascontiguousarray(readings[0])
     ds = Dataset(f"torchvision:{name}", str(path.parent), classes=classes, mean=mean, std=std, **arrays)
     ds.check()
+    if layout is None:
+        _write_npz(path, ds)  # converted once: the next load reads channels first directly
     return ds

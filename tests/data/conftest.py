@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: where the real FashionMNIST is, and the CI rule.
+"""Fixtures for the data tests: where the real FashionMNIST is, empty search places, the CI rule.
 
 The real-data lookup (`fmnist_dir`) is generic enough for every test directory; it
 may move to tests/conftest.py.
@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from ddtrain.data.datasets import FILES, find_files, load_fashion_mnist
+from ddtrain.data import fashion_mnist
+from ddtrain.data.fashion_mnist import FILES, find_files, load_fashion_mnist
 from tests.helpers import data_dir as find_real_data
-
-
-
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +45,13 @@ def fmnist_raw_root(fmnist_dir, tmp_path_factory) -> Path:
         with opener(src, "rb") as fin, open(raw / name, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
     return root
+
+
+@pytest.fixture
+def places(tmp_path, monkeypatch):
+    """Empty cache and system directories, $DDTRAIN_DATA unset; returns (cache, system)."""
+    monkeypatch.delenv("DDTRAIN_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    system = tmp_path / "usr-share"
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", system)
+    return tmp_path / "xdg" / "ddtrain" / "fashion-mnist", system

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ddtrain.data.datasets import FILES, find_files
+from ddtrain.data.fashion_mnist import FILES, find_files
 from ddtrain.data.idx import (
     IMAGES_MAGIC,
     LABELS_MAGIC,

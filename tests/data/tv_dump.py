@@ -8,7 +8,7 @@ cannot download here). Writes to OUT, as .npy:
   unit, standard       the first 256 training images through ToTensor, and through
                        ToTensor + Normalize((0.2860,), (0.3530,)), shape (256, 1, 28, 28)
   fake_rgb_x, fake_rgb_y, fake_gray_x   torchvision FakeData images as ddtrain's item-by-item
-                       conversion stores them (no .data attribute: the slow path)
+                       conversion stores them, (N, C, H, W) (no .data attribute: the slow path)
 and converts the dataset with ddtrain.data.torchvision_data.convert (writing
 ROOT/FashionMNIST.ddtrain.npz), so the test can load it without torchvision.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision import datasets, transforms
 
-from ddtrain.data.datasets import MEAN, STD
+from ddtrain.data.fashion_mnist import MEAN, STD
 from ddtrain.data.torchvision_data import _to_arrays, convert
 
 root, out = sys.argv[1], Path(sys.argv[2])

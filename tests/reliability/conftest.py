@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from ddtrain.data.datasets import FILES, find_files
+from ddtrain.data.fashion_mnist import FILES, find_files
 from tests.helpers import REPO, communicate_or_kill, skip_or_fail
 from tests.helpers import data_dir as find_real_data
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from ddtrain.data.datasets import FILES
+from ddtrain.data.fashion_mnist import FILES
 from tests.reliability.conftest import BASE
 
 LABELS = "train-labels-idx1-ubyte"
