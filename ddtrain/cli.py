@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from ddtrain import choices
 from ddtrain.errors import ConfigError, DDTrainError
 
 STARTED = time.perf_counter()
@@ -110,7 +111,7 @@ def _prepare_run_dir(path: Path, resume: str | None, overwrite: bool) -> None:
 @click.option("--batch-size", type=int, help="GLOBAL batch size, whatever the number of ranks.")
 @click.option("--lr", type=float, help="Base learning rate (optimizer.lr).")
 @click.option("--seed", type=int, help="Seed of the initial weights and the data order.")
-@click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(choices.DEVICES), default="auto", show_default=True)
 @click.option("--data-dir", type=click.Path(), help="FashionMNIST directory (else $DDTRAIN_DATA, cache, Debian).")
 @click.option("--dataset", help="fashion-mnist or torchvision:NAME (data.dataset).")
 @click.option("--run-dir", type=click.Path(), help="Where metrics and checkpoints go [runs/CONFIG].")
@@ -127,11 +128,8 @@ def _prepare_run_dir(path: Path, resume: str | None, overwrite: bool) -> None:
 def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_dir, resume, overwrite,
           train_samples, threads, timeout, deterministic, tensorboard_dir, chaos, sets):
     """Train a model (the default: configs/mlp.yaml) and write metrics and checkpoints."""
-    from ddtrain.parallel.threads import configure_threads
-    n_threads = configure_threads(threads)  # before numpy is imported
-    from ddtrain.backend import resolve_backend
-    from ddtrain.config import load_config
-    from ddtrain.parallel import world
+    from ddtrain.config import load_config  # imports no numpy
+    from ddtrain.parallel.threads import DETERMINISTIC_REASON, configure_threads
 
     overrides = {k: v for k, v in {
         "train.epochs": epochs, "train.batch_size": batch_size, "optimizer.lr": lr, "train.seed": seed,
@@ -139,6 +137,10 @@ def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_d
         "dist.deterministic": deterministic}.items() if v is not None}
     overrides.update(_parse_chaos(chaos))
     cfg = load_config(config, overrides, list(sets))
+    n_threads = configure_threads(threads, deterministic=cfg.dist.deterministic)  # before numpy is imported
+    from ddtrain.backend import resolve_backend
+    from ddtrain.parallel import world
+
     backend = resolve_backend(device)
     comm = world(timeout=cfg.dist.timeout)
     backend.select_device(comm.local_rank)
@@ -147,10 +149,13 @@ def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_d
     with _guard(comm):
         if comm.rank == 0:
             _prepare_run_dir(path, resume, overwrite)
+        from ddtrain.train.faults import faults_for
         from ddtrain.train.trainer import Trainer
         trainer = Trainer(cfg, comm, backend, path, data_dir=data_dir, log=log,
                           progress=sys.stdout.isatty(), tensorboard_dir=tensorboard_dir)
-        log(f"ddtrain: {comm.size} rank(s) on {trainer.backend.device}, {n_threads} BLAS thread(s) per rank, "
+        trainer.faults = faults_for(cfg.chaos, comm.rank, comm.hostname)  # a drill only when asked
+        log(f"ddtrain: {comm.size} rank(s) on {trainer.backend.device}, {n_threads} BLAS thread(s) per rank"
+            + (f" ({DETERMINISTIC_REASON})" if cfg.dist.deterministic else "") + ", "
             f"{trainer.params.size:,} parameters, {trainer.n_train:,} training samples, "
             f"global batch {cfg.train.batch_size}, {trainer.steps_per_epoch} steps/epoch, run dir {path}")
         trainer.agree()
@@ -179,7 +184,7 @@ def _guard(comm):
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(),
               help="A checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its newest).")
 @click.option("--data-dir", type=click.Path())
-@click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(choices.DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(checkpoint, data_dir, device, as_json):
     """Test loss and accuracy of a checkpoint."""

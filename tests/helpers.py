@@ -28,6 +28,20 @@ def skip_or_fail(reason: str):
     pytest.skip(reason)
 
 
+def require(module: str, reason: str):
+    """`import module`, or skip with `reason` (a failure under CI=true, where every extra is installed)."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        skip_or_fail(reason)
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
 def data_dir() -> Path:
     """The real FashionMNIST: $DDTRAIN_DATA, else ../shared/data/fashion-mnist."""
     from ddtrain.data.fashion_mnist import FILES, find_files

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddtrain import choices
 from ddtrain.data.fashion_mnist import MEAN, STD
 from ddtrain.errors import ConfigError
 
-NORMALIZE_MODES = ("unit", "standard")
+NORMALIZE_MODES = choices.NORMALIZE
 
 
 def pixel_stats(x: np.ndarray) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddtrain.data.datasets import normalize_batch
+from ddtrain.data.transforms import normalize_batch
 from ddtrain.data.order import rank_slice
 
 
@@ -38,7 +38,7 @@ def evaluate_checkpoint(path: Path, data_dir=None, device: str = "auto", warn=pr
     """Load a verified checkpoint (a checkpoint directory, or a run directory's newest valid one)."""
     from ddtrain.backend import resolve_backend
     from ddtrain.config import config_from_dict
-    from ddtrain.data.datasets import load_dataset
+    from ddtrain.data.registry import load_dataset
     from ddtrain.parallel.comm import SingleProcess
     from ddtrain.engine.losses import make_loss
     from ddtrain.engine.model import build_model

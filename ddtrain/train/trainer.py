@@ -30,7 +30,8 @@ import numpy as np
 
 from ddtrain.backend import Backend
 from ddtrain.config import Config
-from ddtrain.data.datasets import load_dataset, normalize_batch
+from ddtrain.data.registry import load_dataset
+from ddtrain.data.transforms import normalize_batch
 from ddtrain.data.order import epoch_permutation, global_batch_indices, steps_per_epoch
 from ddtrain.engine.losses import make_loss
 from ddtrain.engine.model import build_model

@@ -43,7 +43,7 @@ def test_normalize_writes_into_out_of_any_shape(fmnist):
     for bad in (np.empty((16, 784), np.float64), np.empty((16, 783), np.float32), np.empty((784, 16), np.float32).T):
         with pytest.raises(ValueError, match="out must be"):
             normalize_batch(x, "unit", out=bad)
-    with pytest.raises(ConfigError, match="normalize must be one of unit, standard"):
+    with pytest.raises(ConfigError, match="normalize must be one of standard, unit"):
         normalize_batch(x, "minmax")
 
 
