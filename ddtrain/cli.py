@@ -281,21 +281,36 @@ def data_download(dest, timeout):
 # ------------------------------------------------------------------------------ launch
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-n", "--ranks", "n", type=int, required=True, help="Number of ranks to start.")
-@click.option("--hosts", help="Comma-separated host[:slots] list, e.g. node1:2,node2:2.")
+@click.option("--hosts", help="Comma-separated host[:slots] list, e.g. node1:2,node2:2 [in Slurm: the allocation].")
 @click.option("--hostfile", type=click.Path(), help="A hostfile (one 'host[:slots]' or 'host slots=N' a line).")
 @click.option("--threads", type=int, help="BLAS threads per rank [cores / ranks on the node].")
 @click.option("--mpiexec", help="Path of the mpiexec to use [the one matching mpi4py's MPI].")
+@click.option("--max-restarts", type=int, default=0, show_default=True,
+              help="Restart a failed train job up to N times, with --resume auto, on the hosts that still answer.")
+@click.option("--min-ranks", type=int, help="Give up rather than restart on fewer ranks [1].")
 @click.option("--dry-run", is_flag=True, help="Print the command and exit.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
-def launch(n, hosts, hostfile, threads, mpiexec, dry_run, command):
-    """Start N ranks of a ddtrain command: ddtrain launch -n 4 -- train --epochs 2"""
+def launch(n, hosts, hostfile, threads, mpiexec, max_restarts, min_ranks, dry_run, command):
+    """Start N ranks of a ddtrain command: ddtrain launch -n 4 -- train --epochs 2
+
+    \b
+    Elastic: ddtrain launch -n 3 --hosts a,b,c --max-restarts 2 --min-ranks 2 -- train ...
+    restarts a job whose rank or host died from its newest checkpoint, without the hosts
+    that no longer answer (exit code 2, a config error, is never retried).
+    """
     from ddtrain.launch import run_launch
     if Context.debug:
         os.environ["DDTRAIN_DEBUG"] = "1"  # forwarded to every rank with the other DDTRAIN_* variables
     if n < 1:
         raise ConfigError(f"-n must be at least 1, got {n}")
+    run_dir = None
+    if max_restarts and command and command[0] == "train":  # where the train job keeps its checkpoints
+        params = train.make_context("train", list(command[1:]), resilient_parsing=True).params
+        run_dir = _run_dir(params.get("run_dir"), params.get("config") or "mlp")
     rc = run_launch(n, list(command), hosts=hosts, hostfile=hostfile, threads=threads, dry_run=dry_run,
-                    mpiexec=mpiexec, echo=lambda line: click.echo(f"+ {line}", err=True))
+                    mpiexec=mpiexec, echo=lambda line: click.echo(f"+ {line}" if not line.startswith("#") else line,
+                                                                  err=True),
+                    max_restarts=max_restarts, min_ranks=min_ranks or 1, run_dir=run_dir)
     sys.exit(rc)
 
 

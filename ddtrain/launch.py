@@ -20,19 +20,51 @@ forwarded; BLAS threads are decided by each rank (ddtrain.parallel.threads, from
 ranks-on-this-node variable) unless ``--threads`` is given, which is forwarded as
 DDTRAIN_THREADS.
 
+Inside a Slurm allocation (SLURM_JOB_ID set) without --hosts/--hostfile, the hosts are the
+allocation's nodes with its tasks per node (``scontrol show hostnames $SLURM_JOB_NODELIST``,
+SLURM_TASKS_PER_NODE), and hydra starts its proxies with srun (``-launcher slurm``), so no SSH
+is needed between the nodes.
+
+Elastic restarts (``--max-restarts N [--min-ranks M]``, `train` only). When the job fails, the
+launcher decides with `plan_restart` (pure; see its docstring for which exit codes retry):
+
+  1. it asks every host of the job whether it still answers: ``mpiexec -n 1 -hosts HOST:1
+     true``, the same agent as the job (ssh, or srun inside Slurm), under a short deadline;
+  2. hosts that do not answer are dropped, and the job restarts on the others with as many
+     ranks as they have slots (at most the ranks it had); with every host answering (a crashed
+     or stalled process) on the same hosts;
+  3. the restart's ``train`` arguments are the first attempt's with ``--resume auto`` (the
+     newest valid checkpoint of the run directory; or ``--overwrite`` when there is none yet),
+     and without ``--chaos`` (a fault drill is injected on the first attempt only) or
+     ``--overwrite``;
+  4. it says what it did (host dropped, ranks now, checkpoint, steps redone) and appends
+     ``{"event": "restart", ...}`` to RUN_DIR/metrics.jsonl.
+
+A restart continues the same training: the data order is a pure function of (seed, epoch,
+global batch) and a checkpoint resumes on any rank count, so the remaining steps see the same
+global batches (and, with --deterministic, give bitwise the same weights). Inside Slurm the
+restart stays in the allocation: the dead node is left out of hydra's host list, which hydra
+hands to srun as --nodelist (the job needs ``sbatch --no-kill``, as launch/slurm.sbatch sets,
+or Slurm ends the whole allocation when a node fails).
+
 Errors (missing mpiexec or mpi4py, bad host list, -n above the slots) are ConfigErrors
 raised before anything starts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddtrain.errors import ConfigError
@@ -213,11 +245,12 @@ def forwarded_env(environ: Mapping[str, str], threads: int | None = None) -> dic
 
 def build_launch_command(n: int, hosts: Hosts | None, hostfile: str | None, command_args: Sequence[str],
                          mpi_flavor: str, mpiexec: str = "mpiexec", env: Mapping[str, str] | None = None,
-                         python: str = sys.executable) -> list[str]:
+                         python: str = sys.executable, launcher: str | None = None) -> list[str]:
     """The mpiexec argument list that runs ``python -m ddtrain *command_args`` on `n` ranks.
 
     hosts: [(host, slots)] or None; hostfile: a path or None (not both); env: variables set
-    on every rank. Pure: checks nothing about the machine.
+    on every rank; launcher: hydra's agent for its proxies ("slurm" inside an allocation),
+    None for its default. Pure: checks nothing about the machine.
     """
     if mpi_flavor not in FLAVORS:
         raise ValueError(f"mpi_flavor must be one of {FLAVORS}, not {mpi_flavor!r}")
@@ -232,6 +265,8 @@ def build_launch_command(n: int, hosts: Hosts | None, hostfile: str | None, comm
     cmd = [mpiexec]
     if mpi_flavor == "mpich":
         cmd += ["-n", str(n)]
+        if launcher:
+            cmd += ["-launcher", launcher]
         if hosts:
             cmd += ["-hosts", format_hosts(hosts)]
         elif hostfile:
@@ -251,33 +286,337 @@ def build_launch_command(n: int, hosts: Hosts | None, hostfile: str | None, comm
     return cmd + [python, "-m", "ddtrain", *command_args]
 
 
+# ------------------------------------------------------------------------------ Slurm
+def parse_tasks_per_node(text: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE -> tasks of each node in order: ``"2(x3),1"`` -> [2, 2, 2, 1]."""
+    out = []
+    for item in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not m:
+            raise ConfigError(f"SLURM_TASKS_PER_NODE={text!r}: cannot read {item!r} (expected N or N(xK))")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def slurm_allocation(environ: Mapping[str, str], hostnames: Callable[[str], list[str]] | None = None) -> Hosts | None:
+    """[(node, tasks)] of the Slurm allocation this process runs in, or None outside one.
+
+    hostnames: expands a Slurm node list ("node[1-3]"); default ``scontrol show hostnames``.
+    """
+    if not environ.get("SLURM_JOB_ID"):
+        return None
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    tasks = environ.get("SLURM_TASKS_PER_NODE")
+    if not nodelist or not tasks:
+        raise ConfigError("inside a Slurm job (SLURM_JOB_ID is set) but SLURM_JOB_NODELIST or "
+                          "SLURM_TASKS_PER_NODE is not: run ddtrain launch in the batch script, or give --hosts")
+    names = (hostnames or _scontrol_hostnames)(nodelist)
+    slots = parse_tasks_per_node(tasks)
+    if len(names) != len(slots):
+        raise ConfigError(f"Slurm allocation: {len(names)} node(s) in {nodelist} but tasks for "
+                          f"{len(slots)} in SLURM_TASKS_PER_NODE={tasks}")
+    return list(zip(names, slots))
+
+
+def _scontrol_hostnames(nodelist: str) -> list[str]:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"cannot expand the Slurm node list {nodelist!r} with scontrol: {e}") from None
+    if out.returncode != 0:
+        raise ConfigError(f"scontrol show hostnames {nodelist}: {out.stderr.strip()}")
+    return out.stdout.split()
+
+
+# ------------------------------------------------------------------------------ restart policy
+# Exit codes that say the command itself must change, or that someone stopped the job: a
+# restart would fail the same way, or undo the stop.
+NOT_RETRIED = {
+    2: "a usage or config error (the command must change)",
+    130: "interrupted (SIGINT)",
+    143: "terminated (SIGTERM: scancel, docker stop, a time limit)",
+}
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Restart the job with `n` ranks on `hosts` (None: the local machine); `dropped`: hosts left out."""
+
+    n: int
+    hosts: Hosts | None
+    dropped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+def plan_restart(rc: int, restarts_done: int, max_restarts: int, n: int, hosts: Hosts | None,
+                 answering: Iterable[str] | None, min_ranks: int = 1, stopped: bool = False) -> Restart | GiveUp:
+    """What to do after the job failed with exit code `rc` (pure: no I/O).
+
+    Retried: any failure other than NOT_RETRIED, since a rank or host that died shows in many
+    ways (hydra reports a killed rank's signal as its exit code, 9; a rank that lost a peer, or
+    the watchdog that caught a stalled one, aborts with 1). A runtime error that repeats (e.g.
+    a non-finite gradient with train.nonfinite=stop) is tried again until `max_restarts`.
+    Never retried: NOT_RETRIED exit codes (2: config error, 130/143: stopped), and any failure
+    after the launcher itself got SIGINT/SIGTERM (`stopped`).
+
+    hosts: the failed job's [(host, slots)] (None: local run, restarted as it was);
+    answering: the hosts that answered the probe. Hosts that did not are dropped; the restart
+    gets min(n, slots left) ranks, and it is given up below `min_ranks`.
+    """
+    if rc == 0:
+        raise ValueError("plan_restart is for a failed job (rc != 0)")
+    if stopped:
+        return GiveUp(f"the job was stopped by a signal to the launcher (exit code {rc}); not restarted")
+    if rc in NOT_RETRIED:
+        return GiveUp(f"exit code {rc} is {NOT_RETRIED[rc]}; not restarted")
+    if restarts_done >= max_restarts:
+        return GiveUp(f"the job failed with exit code {rc} after {restarts_done} restart(s) "
+                      f"(--max-restarts {max_restarts}); giving up")
+    if hosts is None:
+        new_n, kept, dropped = n, None, ()
+    else:
+        alive = set(answering or ())
+        kept = [(h, slots) for h, slots in hosts if h in alive]
+        dropped = tuple(h for h, _ in hosts if h not in alive)
+        if not kept:
+            return GiveUp(f"no host of {format_hosts(hosts)} answers; giving up")
+        new_n = min(n, sum(slots for _, slots in kept))
+    if new_n < min_ranks:
+        where = format_hosts(kept) if kept else "this machine"
+        return GiveUp(f"only {new_n} rank(s) would be left ({where}; {', '.join(dropped)} dropped), "
+                      f"fewer than --min-ranks {min_ranks}; giving up")
+    return Restart(new_n, kept, dropped)
+
+
+def restart_args(command_args: Sequence[str], has_checkpoint: bool) -> tuple[list[str], list[str]]:
+    """The `train` arguments of a restart, and the first attempt's options left out of them.
+
+    --chaos (a drill happens on the first attempt only), --resume and --overwrite are removed;
+    then ``--resume auto`` is added, or ``--overwrite`` when no checkpoint exists yet (the run
+    starts over: its directory already holds the failed attempt's metrics).
+    """
+    out, removed = [], []
+    it = iter(command_args)
+    for arg in it:
+        name = arg.split("=", 1)[0]
+        if name in ("--chaos", "--resume"):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if name == "--chaos":
+                removed.append(f"--chaos {value}")
+            continue
+        if arg == "--overwrite":
+            continue
+        out.append(arg)
+    return out + (["--resume", "auto"] if has_checkpoint else ["--overwrite"]), removed
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a failed run stands: its newest valid checkpoint and the last step it logged (at
+    least the checkpoint's: with train.log_every > 1 steps after the last record are not seen,
+    so steps_redone is a lower bound)."""
+
+    checkpoint: Path | None
+    checkpoint_step: int
+    last_step: int
+
+    @property
+    def steps_redone(self) -> int:
+        return max(0, self.last_step - self.checkpoint_step)
+
+
+def run_progress(run_dir: Path) -> Progress:
+    """The checkpoint a restart's ``--resume auto`` will take (the trainer's own choice) and the
+    highest step in RUN_DIR/metrics.jsonl."""
+    from ddtrain.train.checkpoint import find_resume_checkpoint
+    ckpt = find_resume_checkpoint(Path(run_dir) / "checkpoints", warn=lambda _: None)
+    last = 0
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the crash
+        if isinstance(rec, dict) and rec.get("event") == "step" and isinstance(rec.get("step"), int):
+            last = max(last, rec["step"])
+    step = ckpt.step if ckpt else 0
+    return Progress(ckpt.path if ckpt else None, step, max(last, step))
+
+
+def append_record(run_dir: Path, record: dict) -> None:
+    """One line of RUN_DIR/metrics.jsonl, written while no job runs (so nothing else writes it)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.parent.is_dir():
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+
+# ------------------------------------------------------------------------------ probing hosts
+def probe_command(mpiexec: str, flavor: str, host: str, launcher: str | None = None) -> list[str]:
+    """``mpiexec`` running `true` on `host` alone: the job's own agent (ssh, or srun in Slurm)."""
+    if flavor == "mpich":
+        return [mpiexec, "-n", "1", *(["-launcher", launcher] if launcher else []), "-hosts", f"{host}:1", "true"]
+    return [mpiexec, "-np", "1", "--host", f"{host}:1", "true"]
+
+
+def is_local(host: str) -> bool:
+    names = {"localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0]}
+    return host in names
+
+
+def answering_hosts(hosts: Iterable[str], mpiexec: str, flavor: str, launcher: str | None = None,
+                    timeout: float = 6.0, env: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """{host: None if it answered, else why not} for a probe of every host (all at once) within
+    `timeout` seconds; this machine answers by definition."""
+    result: dict[str, str | None] = {}
+    procs = {}
+    for host in hosts:
+        if is_local(host):
+            result[host] = None
+            continue
+        procs[host] = subprocess.Popen(probe_command(mpiexec, flavor, host, launcher), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                       start_new_session=True, env=None if env is None else dict(env))
+    deadline = time.monotonic() + timeout
+    for host, proc in procs.items():
+        try:
+            _, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            last = err.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+            result[host] = None if proc.returncode == 0 else last[0][:200]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            result[host] = f"no answer within {timeout:g} s"
+    return result
+
+
+# ------------------------------------------------------------------------------ running
+@dataclass
+class _Signals:
+    """SIGINT/SIGTERM to the launcher while a job runs: remembered (no restart after them), and
+    SIGTERM passed on to mpiexec, which hydra forwards to every rank (they checkpoint and stop).
+    SIGINT is not passed on: a terminal's Ctrl-C reaches mpiexec itself, and a second one to
+    hydra forces an abort; nor SIGTERM inside Slurm, which signals every process of the job."""
+
+    forward_term: bool
+    proc: subprocess.Popen | None = None
+    received: list[int] = field(default_factory=list)
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def _handle(self, signum, frame):
+        self.received.append(signum)
+        if signum == signal.SIGTERM and self.forward_term and self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+
+def _run(cmd: list[str], signals: _Signals, env: Mapping[str, str] | None) -> int:
+    proc = subprocess.Popen(cmd, env=None if env is None else dict(env))
+    signals.proc = proc
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc  # killed by signal s: 128 + s, as a shell reports it
+
+
 def run_launch(n: int, command_args: Sequence[str], hosts: str | None = None, hostfile: str | None = None,
                threads: int | None = None, dry_run: bool = False, mpiexec: str | None = None,
-               echo: Callable[[str], None] = print) -> int:
+               echo: Callable[[str], None] = print, max_restarts: int = 0, min_ranks: int = 1,
+               run_dir: str | Path | None = None, probe_timeout: float = 6.0,
+               environ: Mapping[str, str] | None = None) -> int:
     """Check everything, print the exact command, run it; returns the job's exit status.
 
-    hosts: the ``--hosts`` text ("h1:2,h2:2"); hostfile: ``--hostfile`` path; mpiexec: an
-    explicit launcher path. dry_run: print the command and return 0 without running it.
+    hosts: the ``--hosts`` text ("h1:2,h2:2"); hostfile: ``--hostfile`` path; neither inside
+    a Slurm allocation: its nodes. mpiexec: an explicit launcher path. dry_run: print the
+    command and return 0 without running it. max_restarts, min_ranks: elastic restarts (see
+    the module docstring), which need `run_dir`, the train command's run directory.
     """
+    environ = os.environ if environ is None else environ
     if hosts and hostfile:
         raise ConfigError("give --hosts or --hostfile, not both")
+    if max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be 0 or more, not {max_restarts}")
+    if min_ranks < 1 or min_ranks > n:
+        raise ConfigError(f"--min-ranks must be between 1 and -n ({n}), not {min_ranks}")
+    if max_restarts and (not command_args or command_args[0] != "train" or run_dir is None):
+        raise ConfigError("--max-restarts restarts `train` jobs (from their checkpoints): "
+                          "ddtrain launch -n N --max-restarts K -- train ...")
     host_list = parse_hosts(hosts) if hosts else None
     exe, flavor = find_mpiexec(mpiexec)
+    launcher = None
     if hostfile:
-        host_list_from_file = read_hostfile(hostfile, flavor)
-        check_ranks(n, host_list_from_file)
-    else:
-        check_ranks(n, host_list)
-    cmd = build_launch_command(n, host_list, hostfile, command_args, flavor, exe,
-                               forwarded_env(os.environ, threads))
+        host_list = read_hostfile(hostfile, flavor)
+    elif host_list is None:
+        host_list = slurm_allocation(environ)
+        if host_list is not None:
+            launcher = "slurm" if flavor == "mpich" else None
+            echo(f"# Slurm job {environ['SLURM_JOB_ID']}: hosts {format_hosts(host_list)} from the allocation")
+    check_ranks(n, host_list)
+    env = forwarded_env(environ, threads)
+    cmd = build_launch_command(n, None if hostfile else host_list, hostfile, command_args, flavor, exe, env,
+                               launcher=launcher)
     echo(shlex.join(cmd))
     if dry_run:
         return 0
-    proc = subprocess.Popen(cmd)
-    while True:
-        try:
-            rc = proc.wait()
-            break
-        except KeyboardInterrupt:  # mpiexec got the same SIGINT and is ending the job: wait for it
-            continue
-    return 128 - rc if rc < 0 else rc  # killed by signal s: 128 + s, as a shell reports it
+
+    # Inside Slurm, restarts and probes are new job steps while the failed step may still hold
+    # its CPUs (its node that died never reports the end): they share them (srun --overlap).
+    job_env = {**environ, "SLURM_OVERLAP": "1"} if launcher == "slurm" else None
+    args, restarts = list(command_args), 0
+    with _Signals(forward_term=launcher is None and not environ.get("SLURM_JOB_ID")) as signals:
+        while True:
+            rc = _run(cmd, signals, job_env if restarts else None)
+            if rc == 0 or max_restarts == 0:
+                return rc
+            failed_at = time.monotonic()
+            probes: dict[str, str | None] = {}
+            retry = not signals.received and rc not in NOT_RETRIED and restarts < max_restarts
+            if host_list is not None and retry:
+                probes = answering_hosts([h for h, _ in host_list], exe, flavor, launcher, probe_timeout, job_env)
+            answering = [h for h, why in probes.items() if why is None]
+            plan = plan_restart(rc, restarts, max_restarts, n, host_list, answering, min_ranks,
+                                stopped=bool(signals.received))
+            for host, why in probes.items():
+                if why is not None:
+                    probe = shlex.join(probe_command(exe, flavor, host, launcher))
+                    echo(f"# ddtrain launch: {host} does not answer ({probe}: {why})")
+            if isinstance(plan, GiveUp):
+                echo(f"# ddtrain launch: {plan.reason}; exit code {rc}")
+                return rc
+            restarts += 1
+            progress = run_progress(Path(run_dir))
+            args, removed = restart_args(command_args, progress.checkpoint is not None)
+            where = format_hosts(plan.hosts) if plan.hosts else "this machine"
+            if progress.checkpoint is not None:
+                resume = (f"from {progress.checkpoint} (step {progress.checkpoint_step}; the run had logged step "
+                          f"{progress.last_step}: {progress.steps_redone} step(s) redone)")
+            else:
+                resume = f"from the start (no checkpoint yet: {progress.last_step} step(s) redone)"
+            note = f"; {', '.join(removed)} left out (a drill runs on the first attempt only)" if removed else ""
+            dropped = f"; {', '.join(plan.dropped)} dropped" if plan.dropped else ""
+            echo(f"# ddtrain launch: the job failed with exit code {rc}{dropped}; restart {restarts} of {max_restarts} "
+                 f"on {plan.n} rank(s) ({where}) {resume}{note}")
+            n, host_list = plan.n, plan.hosts
+            cmd = build_launch_command(n, host_list, None, args, flavor, exe, env, launcher=launcher)
+            append_record(Path(run_dir), {
+                "event": "restart", "restart": restarts, "max_restarts": max_restarts, "exit_code": rc,
+                "dropped_hosts": list(plan.dropped), "ranks": n,
+                "hosts": format_hosts(host_list) if host_list else None,
+                "checkpoint": str(progress.checkpoint) if progress.checkpoint else None,
+                "checkpoint_step": progress.checkpoint_step, "last_logged_step": progress.last_step,
+                "steps_redone": progress.steps_redone, "removed_args": removed,
+                "seconds_to_restart": round(time.monotonic() - failed_at, 3)})
+            echo(shlex.join(cmd))
