@@ -47,30 +47,34 @@ def _offset_view(a, i: int, j: int, ho: int, wo: int, s: int):
     return a[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
 
 
-def channel_sums(layer: Layer, a, tag: str):
-    """(C,) float64 sums of `a` (N, C, *spatial) over every axis but 1, as a device array.
+def sample_sums(layer: Layer, a, out, tag: str) -> None:
+    """out (N, C) = the sums of `a` (N, C, *positions) over its positions, in a's dtype.
 
-    Per-sample sums in a's dtype first (a matrix-vector product with ones over the spatial
-    positions when `a` is channels-last or channels-first contiguous: 10x faster than a
-    reduction ufunc, and each partial sums only H*W terms), then their float64 sum over samples.
+    A matrix-vector product with ones over the positions when `a` is channels-last or
+    channels-first contiguous (10x faster than a reduction ufunc; each sum has only H*W terms).
     """
     xp = layer.xp
     n, c = a.shape[:2]
-    spatial = math.prod(a.shape[2:])
+    positions = math.prod(a.shape[2:])
     if a.ndim == 2:
-        part = a
+        out[...] = a
+    elif a.ndim == 4 and is_channels_last(a):
+        ones = layer._const(tag + "-ones", (positions,), a.dtype, 1)
+        xp.matmul(ones, a.transpose(0, 2, 3, 1).reshape(n, positions, c), out=out)
+    elif a.flags.c_contiguous:
+        ones = layer._const(tag + "-ones", (positions,), a.dtype, 1)
+        xp.matmul(a.reshape(n, c, positions), ones, out=out)
     else:
-        part = layer._buf(tag + "-part", (n, c), a.dtype)
-        if a.ndim == 4 and is_channels_last(a):
-            ones = layer._const(tag + "-ones", (spatial,), a.dtype, 1)
-            xp.matmul(ones, a.transpose(0, 2, 3, 1).reshape(n, spatial, c), out=part)
-        elif a.flags.c_contiguous:
-            ones = layer._const(tag + "-ones", (spatial,), a.dtype, 1)
-            xp.matmul(a.reshape(n, c, spatial), ones, out=part)
-        else:
-            xp.sum(a, axis=tuple(range(2, a.ndim)), out=part)
-    out = layer._buf(tag, (c,), np.float64)
-    xp.sum(part, axis=0, dtype=np.float64, out=out)
+        xp.sum(a, axis=tuple(range(2, a.ndim)), out=out)
+
+
+def channel_sums(layer: Layer, a, tag: str):
+    """(C,) float64 sums of `a` (N, C, *positions) over every axis but 1, as a device array:
+    per-sample sums in a's dtype (`sample_sums`), then their float64 sum over the samples."""
+    part = layer._buf(tag + "-part", a.shape[:2], a.dtype)
+    sample_sums(layer, a, part, tag)
+    out = layer._buf(tag, (a.shape[1],), np.float64)
+    layer.xp.sum(part, axis=0, dtype=np.float64, out=out)
     return out
 
 
@@ -83,9 +87,18 @@ def _positive(name: str, v, low: int = 1) -> int:
 class _Spatial(Layer):
     """Plumbing shared by the (N, C, H, W) layers: shape checks and constant-bordered buffers."""
 
+    # Element-wise work is done a few samples at a time, so that an op's output is still in
+    # cache for the next op (one core's memory bandwidth, not arithmetic, limits these layers).
+    SAMPLE_CHUNK_BYTES = 1 << 20
+
     def __init__(self):
         super().__init__()
         self._filled: set = set()
+
+    def _sample_chunks(self, n: int, per_sample_bytes: int) -> list[tuple[int, int]]:
+        """(start, stop) ranges of samples holding about SAMPLE_CHUNK_BYTES of one array each."""
+        step = max(1, self.SAMPLE_CHUNK_BYTES // max(1, per_sample_bytes))
+        return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
 
     def _const(self, tag: str, shape: tuple, dtype, value, order: str = "C"):
         """A reusable buffer filled with `value` once, when made. Callers may overwrite a part of
@@ -113,7 +126,7 @@ class Conv2d(_Spatial):
     module docstring); keeps the padded input (N, H + 2p, W + 2p, C) for dW.
     """
 
-    CHUNK_BYTES = 2 << 20  # im2col columns per GEMM: a chunk this size stays in L2/L3 cache
+    CHUNK_BYTES = 1 << 20  # im2col columns per GEMM: a chunk this size stays in cache
     MIN_ROWS = 1024  # fewer GEMM rows per call than this measured slower
 
     def __init__(self, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 0,
@@ -183,17 +196,18 @@ class Conv2d(_Spatial):
         in a reused chunk buffer: row (n, ho, wo), column (i, j, c) = src[n, s*ho + i, s*wo + j, c].
 
         One copy of a strided view whose inner run is the k*C consecutive floats of a window
-        row; with one channel (runs of k floats, a slow copy) the buffer is (k, k, rows) instead,
-        filled one kernel offset at a time in runs of Wo floats, and returned transposed."""
+        row; with one channel (runs of k floats, a slow copy) the buffer is (k*k + 1, rows)
+        instead, filled one kernel offset at a time in runs of Wo floats, and returned
+        transposed, with a last column of ones (`_folds_bias`)."""
         xp = self.xp
         c = src.shape[3]
         rows = (b - a) * ho * wo
         if c == 1:
-            buf = self._buf(tag, (k, k, step, ho, wo), src.dtype)
+            buf = self._const(tag, (k * k + 1, step, ho, wo), src.dtype, 1)  # row k*k stays ones
             for i in range(k):
                 for j in range(k):
-                    buf[i, j, :b - a] = src[a:b, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, 0]
-            return buf.reshape(k * k, step * ho * wo)[:, :rows].T
+                    buf[i * k + j, :b - a] = src[a:b, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, 0]
+            return buf.reshape(k * k + 1, step * ho * wo)[:, :rows].T
         sn, sh, sw, sc = src.strides
         win = xp.lib.stride_tricks.as_strided(src, (src.shape[0], ho, wo, k, k * c), (sn, s * sh, s * sw, sh, sc))
         buf = self._buf(tag, (step, ho, wo, k, k * c), src.dtype)
@@ -211,18 +225,21 @@ class Conv2d(_Spatial):
         else:
             src = self._const("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, 0)
             src[:, p:p + h, p:p + w, :] = x.transpose(0, 2, 3, 1)
-        wm = self._buf("wm", (co, k, k, c), x.dtype)
-        wm[...] = self.W.transpose(0, 2, 3, 1)  # Wm[(i, j, c), o] = W[o, c, i, j], kept as (o, i, j, c)
-        wmat = wm.reshape(co, k * k * c).T
+        kk, fold = k * k * c, c == 1  # one channel: the columns end with ones, Wm with the bias
+        wm = self._buf("wm", (co, kk + fold), x.dtype)
+        wm[:, :kk].reshape(co, k, k, c)[...] = self.W.transpose(0, 2, 3, 1)  # Wm[(i, j, c), o] = W[o, c, i, j]
+        if fold:
+            wm[:, kk] = self.b if self.has_bias else 0
+        wmat = wm.T
         y = self._buf("y", (n, co, ho, wo), x.dtype, CHANNELS_LAST)
         y2 = y.transpose(0, 2, 3, 1).reshape(n * ho * wo, co)
         hw = ho * wo
-        chunks = self._chunks(n, hw, k * k * c, x.dtype.itemsize)
+        chunks = self._chunks(n, hw, kk, x.dtype.itemsize)
         for a, b in chunks:
             cols = self._im2col(src, a, b, ho, wo, k, s, "cols", chunks[0][1])
             out = y2[a * hw:b * hw]
             xp.matmul(cols, wmat, out=out)
-            if self.has_bias:
+            if self.has_bias and not fold:
                 xp.add(out, self.b, out=out)
         self._src, self._x_shape = src, x.shape
         return y
@@ -243,8 +260,8 @@ class Conv2d(_Spatial):
             d = self._buf("dy", (n, ho, wo, co), dy.dtype)
             d[...] = dy.transpose(0, 2, 3, 1)
         d2 = d.reshape(n * ho * wo, co)
-        kk = k * k * c
-        if self.has_bias:
+        kk, fold = k * k * c, c == 1  # one channel: db is the last column of dWm (the ones column)
+        if self.has_bias and not fold:
             self.db[...] = channel_sums(self, d.transpose(0, 3, 1, 2), "db")
         dx = direct = None
         if self.needs_input_grad:
@@ -259,8 +276,8 @@ class Conv2d(_Spatial):
                 wf[...] = self.W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
                 wfmat = wf.reshape(k * k * co, c)
                 dx2 = dx.transpose(0, 2, 3, 1).reshape(n * h * w, c)
-        dwm = self._buf("dwm", (co, kk), dy.dtype)
-        part = self._buf("dwm-part", (co, kk), dy.dtype)
+        dwm = self._buf("dwm", (co, kk + fold), dy.dtype)
+        part = self._buf("dwm-part", (co, kk + fold), dy.dtype)
         hw = ho * wo
         chunks = self._chunks(n, max(hw, h * w), max(kk, k * k * co), dy.dtype.itemsize)
         for a, b in chunks:
@@ -273,13 +290,15 @@ class Conv2d(_Spatial):
                 xp.matmul(dcols, wfmat, out=dx2[a * h * w:b * h * w])
         if n == 0:
             dwm.fill(0)
-        self.dW[...] = dwm.reshape(co, k, k, c).transpose(0, 3, 1, 2)
+        self.dW[...] = dwm[:, :kk].reshape(co, k, k, c).transpose(0, 3, 1, 2)
+        if self.has_bias and fold:
+            self.db[...] = dwm[:, kk]
         if dx is None or direct:
             return dx
         # Strided or over-padded: scatter dcols = dy @ Wm^T back onto the padded input.
         dcols = self._buf("dcols-all", (n, ho, wo, k, k, c), dy.dtype)
-        wm = self._buf("wm", (co, k, k, c), dy.dtype)  # forward's Wm, still current
-        xp.matmul(d2, wm.reshape(co, kk), out=dcols.reshape(n * ho * wo, kk))
+        wm = self._buf("wm", (co, kk + fold), dy.dtype)  # forward's Wm, still current
+        xp.matmul(d2, wm[:, :kk], out=dcols.reshape(n * ho * wo, kk))
         dxpad = self._buf("dxpad", (n, h + 2 * p, w + 2 * p, c), dy.dtype)
         dxpad.fill(0)
         for i in range(k):
@@ -332,6 +351,15 @@ class _Pool2d(_Spatial):
         xp_[:, :, p:p + h, p:p + w] = x
         return xp_
 
+    def _in_x_layout(self, dy):
+        """dy, or a copy of it in the forward input's layout (dy from Flatten after a Linear is
+        column-major): one copy, then every op of backward runs in memory order."""
+        if memory_order(dy) == self._x_layout:
+            return dy
+        same = self._buf("dy", dy.shape, dy.dtype, self._x_layout)
+        same[...] = dy
+        return same
+
     def _tiles(self, h: int, w: int, ho: int, wo: int) -> bool:
         """Whether the windows cover the input exactly once (then backward writes, not adds)."""
         return self.s == self.k and self.p == 0 and h == ho * self.k and w == wo * self.k
@@ -343,10 +371,7 @@ class _Pool2d(_Spatial):
         xp, k, s, p = self.xp, self.k, self.s, self.p
         n, c, h, w = self._x_shape
         _, _, ho, wo = dy.shape
-        if memory_order(dy) != self._x_layout:  # e.g. from Flatten after a Linear: one copy, then
-            same = self._buf("dy", dy.shape, dy.dtype, self._x_layout)  # every op runs in memory order
-            same[...] = dy
-            dy = same
+        dy = self._in_x_layout(dy)
         dx = self._buf("dx", (n, c, h, w), dy.dtype, self._x_layout)
         tiles = self._tiles(h, w, ho, wo)
         dxp = dx if p == 0 else self._buf("dxpad", (n, c, h + 2 * p, w + 2 * p), dy.dtype, self._x_layout)
@@ -399,38 +424,67 @@ class MaxPool2d(_Pool2d):
         return y
 
     def _argmax(self, src, y):
-        """Fill y with the window maxima of src and return which offset won each (uint8)."""
+        """Fill y with the window maxima of src and return which offset won each (uint8),
+        a few samples at a time (their input rows stay in cache across the k*k offsets)."""
         xp, k, s = self.xp, self.k, self.s
-        _, _, ho, wo = y.shape
+        n, c, ho, wo = y.shape
         layout = self._x_layout
         itype = np.uint8 if k * k < 256 else np.int32
         arg = self._buf("arg", y.shape, itype, layout)
-        arg.fill(0)
-        wins = self._buf("wins", y.shape, bool, layout)
-        won = self._buf("won", y.shape, itype, layout)
-        xp.copyto(y, _offset_view(src, 0, 0, ho, wo, s))
-        for t in range(1, k * k):
-            v = _offset_view(src, t // k, t % k, ho, wo, s)
-            # arg = t where v beats the maximum so far, strictly (a tie keeps the earlier offset);
-            # as t grows, that is arg = max(arg, t * wins) (12x faster than copyto(where=) here)
-            xp.greater(v, y, out=wins)
-            xp.multiply(wins, won.dtype.type(t), out=won)
-            xp.maximum(arg, won, out=arg)
-            xp.maximum(y, v, out=y)
+        chunks = self._sample_chunks(n, src[:1].nbytes)
+        step = chunks[0][1] - chunks[0][0]
+        wins = self._buf("wins", (step, c, ho, wo), bool, layout)
+        won = self._buf("won", (step, c, ho, wo), itype, layout)
+        for a, b in chunks:
+            src_, y_, arg_, wins_, won_ = src[a:b], y[a:b], arg[a:b], wins[:b - a], won[:b - a]
+            arg_.fill(0)
+            xp.copyto(y_, _offset_view(src_, 0, 0, ho, wo, s))
+            for t in range(1, k * k):
+                v = _offset_view(src_, t // k, t % k, ho, wo, s)
+                # arg = t where v beats the maximum so far, strictly (a tie keeps the earlier
+                # offset); as t grows, that is arg = max(arg, t * wins) (12x faster than copyto(where=))
+                xp.greater(v, y_, out=wins_)
+                xp.multiply(wins_, won_.dtype.type(t), out=won_)
+                xp.maximum(arg_, won_, out=arg_)
+                xp.maximum(y_, v, out=y_)
         return arg
 
     def backward(self, dy):
-        xp = self.xp
+        xp, k = self.xp, self.k
         if self._arg is None:  # after an eval forward: find the winners now (its input is unchanged)
             self._arg = self._argmax(self._src, self._buf("y", dy.shape, dy.dtype, self._x_layout))
-        # The mask in dy's dtype: multiplying by a bool mask casts it on the fly, 3x slower.
-        hit = self._buf("hit", dy.shape, dy.dtype, self._x_layout)
+        if self.s != k or self.p != 0:
+            # The mask in dy's dtype: multiplying by a bool mask casts it on the fly, 3x slower.
+            hit = self._buf("hit", dy.shape, dy.dtype, self._x_layout)
 
-        def contribution(t, out):
-            xp.equal(self._arg, self._arg.dtype.type(t), out=hit, casting="unsafe")
-            xp.multiply(dy, hit, out=out)
+            def contribution(t, out):
+                xp.equal(self._arg, self._arg.dtype.type(t), out=hit, casting="unsafe")
+                xp.multiply(dy, hit, out=out)
 
-        return self._input_grad(dy, contribution)
+            return self._input_grad(dy, contribution)
+        # Windows side by side: dx seen as (N, C, Ho, k, Wo, k) is dy (N, C, Ho, 1, Wo, 1) times
+        # the mask arg == (i*k + j), both broadcast: two whole-array ops per chunk of samples.
+        n, c, h, w = self._x_shape
+        _, _, ho, wo = dy.shape
+        dy = self._in_x_layout(dy)
+        dx = self._buf("dx", (n, c, h, w), dy.dtype, self._x_layout)
+        if h > ho * k:
+            dx[:, :, ho * k:, :] = 0  # rows no window reaches (floor output size)
+        if w > wo * k:
+            dx[:, :, :, wo * k:] = 0
+        offsets = self._buf("offsets", (1, 1, 1, k, 1, k), self._arg.dtype)
+        if "offsets" not in self._filled:
+            offsets[...] = self.xp.asarray(np.arange(k * k, dtype=offsets.dtype).reshape(offsets.shape))
+            self._filled.add("offsets")
+        chunks = self._sample_chunks(n, dx[:1].nbytes)
+        step = chunks[0][1] - chunks[0][0]
+        mask = self._buf("mask", (step, c, ho * k, wo * k), dy.dtype, self._x_layout)
+        for a, b in chunks:
+            m6 = mask[:b - a].reshape(b - a, c, ho, k, wo, k)
+            xp.equal(self._arg[a:b].reshape(b - a, c, ho, 1, wo, 1), offsets, out=m6, casting="unsafe")
+            xp.multiply(dy[a:b].reshape(b - a, c, ho, 1, wo, 1), m6,
+                        out=dx[a:b, :, :ho * k, :wo * k].reshape(b - a, c, ho, k, wo, k))
+        return dx
 
 
 class AvgPool2d(_Pool2d):

@@ -16,7 +16,7 @@ while the parameter gradients are this rank's own sums (the gradient allreduce a
     dweight = sum(dy * xhat), dbias = sum(dy).
 Running statistics change in `on_global`, from the global sums only (it may be called after the
 step). Every rank calls batch_sum in the same order, an empty slice with zeros.
-Sums are float64 (per-sample partials in the data's dtype, see `channel_sums`), and the variance
+Sums are float64 (of per-sample sums in the data's dtype, see `sample_sums`), and the variance
 is E[x^2] - E[x]^2 of those.
 """
 
@@ -26,7 +26,8 @@ import math
 
 import numpy as np
 
-from ddtrain.engine.conv import _Spatial, channel_sums
+from ddtrain.engine.conv import _Spatial, sample_sums
+from ddtrain.engine.layers import memory_order
 
 
 def _to_host(a) -> np.ndarray:
@@ -115,61 +116,88 @@ class _BatchNorm(_Spatial):
             buf[...] = self.xp.asarray(new.astype(np.float32))
         self.buffers["num_batches_tracked"][...] += 1
 
+    def _sums64(self, part, tag: str) -> np.ndarray:
+        """Host float64 (C,) sums of the per-sample sums `part` (N, C)."""
+        out = self._buf(tag, (part.shape[1],), np.float64)
+        self.xp.sum(part, axis=0, dtype=np.float64, out=out)
+        return _to_host(out)
+
     def forward(self, x, train):
-        """x: (N, C, *positions) any layout -> y of the same shape and layout."""
-        xp, c = self.xp, self.channels
+        """x: (N, C, *positions) any layout -> y of the same shape and layout.
+
+        Both passes (the sums, then y) go a few samples at a time (`_sample_chunks`): x^2 and
+        y are still in cache for the op that reads them."""
+        xp, c, n = self.xp, self.channels, x.shape[0]
+        y = self._like("y", x)
+        chunks = self._sample_chunks(n, x[:1].nbytes)
         if train:
             if self._ctx is None:
                 raise RuntimeError(f"{self.name}.forward(train=True) before set_batch_context(ctx): call "
                                    "model.set_batch_context each step")
-            y = self._like("y", x)
-            xp.multiply(x, x, out=y)  # y holds x^2 until the normalisation below
+            px, pxx = self._buf("px", (n, c), x.dtype), self._buf("pxx", (n, c), x.dtype)
+            sq = self._chunk_buf("sq", x, chunks)
+            for a, b in chunks:
+                sample_sums(self, x[a:b], px[a:b], "sx")
+                xp.multiply(x[a:b], x[a:b], out=sq[:b - a])
+                sample_sums(self, sq[:b - a], pxx[a:b], "sxx")
             local = np.empty(2 * c + 1)
-            local[:c] = _to_host(channel_sums(self, x, "sx"))
-            local[c:2 * c] = _to_host(channel_sums(self, y, "sxx"))
+            local[:c], local[c:2 * c] = self._sums64(px, "px64"), self._sums64(pxx, "pxx64")
             local[2 * c] = x.size // c  # positions per channel
             total = self._ctx.batch_sum(f"{self.index}.forward", local, on_global=self._update_running)
             mean, var, self._n = self._stats(np.asarray(total, np.float64))
         else:
             mean = _to_host(self.buffers["running_mean"]).astype(np.float64)
             var = _to_host(self.buffers["running_var"]).astype(np.float64)
-            y = self._like("y", x)
         invstd = 1.0 / np.sqrt(var + self.eps)
         scale = _to_host(self.weight).astype(np.float64) * invstd
         shift = _to_host(self.bias).astype(np.float64) - mean * scale
-        xp.multiply(x, self._per_channel("scale", scale, x), out=y)
-        xp.add(y, self._per_channel("shift", shift, x), out=y)
+        scale_, shift_ = self._per_channel("scale", scale, x), self._per_channel("shift", shift, x)
+        for a, b in chunks:
+            xp.multiply(x[a:b], scale_, out=y[a:b])
+            xp.add(y[a:b], shift_, out=y[a:b])
         self._x, self._train = x, train
         self._mean, self._invstd, self._scale = mean, invstd, scale
         return y
 
+    def _chunk_buf(self, tag, x, chunks):
+        """A reused scratch array for one chunk of samples of x, in x's layout."""
+        step = chunks[0][1] - chunks[0][0]
+        return self._buf(tag, (step, *x.shape[1:]), x.dtype, memory_order(x))
+
     def backward(self, dy):
         """dy: (N, C, *positions) -> dx (x's layout), or None without needs_input_grad;
         overwrites dweight, dbias (C,) with this rank's sums."""
-        xp, c, x = self.xp, self.channels, self._x
-        dx = self._like("dx", x)
-        xp.multiply(x, dy, out=dx)  # dy * x until dx is written below
-        sum_dy = _to_host(channel_sums(self, dy, "sdy"))
+        xp, c, x, n = self.xp, self.channels, self._x, self._x.shape[0]
+        chunks = self._sample_chunks(n, x[:1].nbytes)
+        tmp = self._chunk_buf("tmp", x, chunks)
+        pdy, pdyx = self._buf("pdy", (n, c), x.dtype), self._buf("pdyx", (n, c), x.dtype)
+        for a, b in chunks:
+            sample_sums(self, dy[a:b], pdy[a:b], "sdy")
+            xp.multiply(x[a:b], dy[a:b], out=tmp[:b - a])
+            sample_sums(self, tmp[:b - a], pdyx[a:b], "sdyx")
+        sum_dy = self._sums64(pdy, "pdy64")
         # sum(dy * xhat) = invstd * (sum(dy * x) - mean * sum(dy)): one pass fewer than with x - mean
-        sum_dy_xhat = (_to_host(channel_sums(self, dx, "sdyx")) - self._mean * sum_dy) * self._invstd
+        sum_dy_xhat = (self._sums64(pdyx, "pdyx64") - self._mean * sum_dy) * self._invstd
         self.dweight[...] = xp.asarray(sum_dy_xhat.astype(self.dweight.dtype))
         self.dbias[...] = xp.asarray(sum_dy.astype(self.dbias.dtype))
         if not self.needs_input_grad:
             return None
+        dx = self._like("dx", x)
         if not self._train:  # frozen statistics: y is affine in x
             xp.multiply(dy, self._per_channel("a", self._scale, x), out=dx)
             return dx
         total = np.asarray(self._ctx.batch_sum(f"{self.index}.backward", np.concatenate([sum_dy, sum_dy_xhat])),
                            np.float64)
         # dx = a*dy + b*x + d: a = scale, b = -scale*invstd*sum(dy*xhat)/n, d = -a*sum(dy)/n - b*mean
-        n, a = self._n, self._scale
-        b = -a * self._invstd * total[c:] / n
-        d = -a * total[:c] / n - b * self._mean
-        tmp = self._like("tmp", x)
-        xp.multiply(x, self._per_channel("b", b, x), out=tmp)
-        xp.multiply(dy, self._per_channel("a", a, x), out=dx)
-        xp.add(dx, tmp, out=dx)
-        xp.add(dx, self._per_channel("d", d, x), out=dx)
+        count, a_ = self._n, self._scale
+        b_ = -a_ * self._invstd * total[c:] / count
+        d_ = -a_ * total[:c] / count - b_ * self._mean
+        a_, b_, d_ = (self._per_channel(t, v, x) for t, v in (("a", a_), ("b", b_), ("d", d_)))
+        for a, b in chunks:
+            xp.multiply(x[a:b], b_, out=tmp[:b - a])
+            xp.multiply(dy[a:b], a_, out=dx[a:b])
+            xp.add(dx[a:b], tmp[:b - a], out=dx[a:b])
+            xp.add(dx[a:b], d_, out=dx[a:b])
         return dx
 
     def describe(self):
