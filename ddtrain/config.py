@@ -64,6 +64,8 @@ class DataConfig:
     normalize: str = "standard"     # standard | unit (x/255, PyTorch's ToTensor)
     drop_last: bool = False         # drop the last partial global batch of an epoch
     train_samples: Optional[int] = None  # train on the first N training images
+    crop_pad: int = 0               # training images: random crop after padding this many pixels (0: off)
+    hflip: bool = False             # training images: random horizontal flip (ddtrain.data.augment)
 
 
 @dataclass
@@ -148,6 +150,7 @@ RANGES = {
     ("schedule", "gamma"): (0.0, True),
     ("schedule", "min_lr"): (0.0, False),
     ("data", "train_samples"): (1, False),
+    ("data", "crop_pad"): (0, False),
     ("train", "epochs"): (1, False),
     ("train", "batch_size"): (1, False),
     ("train", "seed"): (0, False),
