@@ -345,6 +345,19 @@ def verify(ranks, config, epochs, data_dir, run_dir, sets):
     click.echo(f"bitwise identical weights for {', '.join(map(str, counts))} rank(s)")
 
 
+# ------------------------------------------------------------------------------ summary
+@main.command()
+@click.option("--config", "config", default="mlp", show_default=True, help="Config whose model to describe.")
+def summary(config):
+    """A config's model: layers, output shapes, parameters and forward MFLOPs per sample."""
+    from ddtrain.config import load_config
+    from ddtrain.data.registry import input_shape
+    from ddtrain.engine.model import build_model
+    cfg = load_config(config)
+    model = build_model(cfg.model.layers, input_shape(cfg.data.dataset), init=cfg.model.init, seed=cfg.train.seed)
+    click.echo(model.summary())
+
+
 # ------------------------------------------------------------------------------ bench
 from ddtrain.bench import bench  # noqa: E402 (click and the standard library only at import)
 
