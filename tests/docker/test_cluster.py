@@ -1,9 +1,9 @@
 """The docker-compose cluster, built and used for real: three containers, one rank each.
 
-The module fixture builds everything from scratch: dependency wheels for the
-image's Python (cp311, manylinux), the debootstrap base image
+The session's image fixture (conftest.py) builds everything from scratch: dependency
+wheels for the image's Python (cp311, manylinux), the debootstrap base image
 (launch/make-base-image.sh), the node image (launch/Dockerfile).  The tests
-then run `docker-compose up` as a user would:
+then run `docker compose up` (or docker-compose, v1) as a user would:
 
 * a short training run across node1..node3 gives, step by step, the losses of
   a single-process run of the same config on the host (relative 1e-5): data
@@ -14,10 +14,14 @@ then run `docker-compose up` as a user would:
   1 on node2 agree to take the plain allreduce (and do not hang);
 * killing node3's container mid-run ends the job with an error within 30 s
   (no rank left waiting in an allreduce), and the newest checkpoint on the
-  shared run volume still loads (`ddtrain evaluate`).
+  shared run volume still loads (`ddtrain evaluate`);
+* with `ddtrain launch --max-restarts`, killing node3 mid-epoch restarts the
+  job on node1 and node2 from its newest checkpoint, and it ends with bitwise
+  the weights (--deterministic) and the test accuracy of an uninterrupted run,
+  having redone at most train.checkpoint_every steps.
 
-Teardown removes every container, network, volume and image the module made,
-also after a failure, and fails if anything is left.  Needs a Docker engine,
+Teardown removes every container, network and volume the module made (and the
+session the images), also after a failure, and fails if anything is left.  Needs a Docker engine,
 docker-compose, root (debootstrap) unless the base image exists, and the real
 FashionMNIST; skips without them, fails under CI=true.  Timings of each phase
 are printed at the end of the module.
@@ -27,29 +31,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import data_dir as find_real_data
-
-from .conftest import COMPOSE_FILE, REPO, run, skip_or_fail
+from .conftest import COMPOSE_FILE, TAG, blank_ddtrain_env, compose_command, run
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-TAG = str(os.getpid())
 PROJECT = f"ddtrain-test-{TAG}"
-IMAGE = f"ddtrain-test:{TAG}"
-BASE_IMAGE = "ddtrain-base:bookworm"
-WHEELS = REPO / "launch" / "wheels"
 NODES = ("node1", "node2", "node3")
 
 # 10 steps of 96 images (32 per rank); small enough for seconds, long enough
@@ -58,10 +53,6 @@ TRAIN_ARGS = ["--config", "tiny", "--train-samples", "960", "--batch-size", "96"
 
 
 # ---------------------------------------------------------------- helpers
-def image_exists(name: str) -> bool:
-    return run(["docker", "image", "inspect", name], check=False, timeout=30).returncode == 0
-
-
 def step_losses(metrics_jsonl: str) -> tuple[list[int], list[float]]:
     """(steps, losses) of the step records of a metrics.jsonl text, in file order."""
     records = [json.loads(line) for line in metrics_jsonl.splitlines() if line.strip()]
@@ -69,38 +60,21 @@ def step_losses(metrics_jsonl: str) -> tuple[list[int], list[float]]:
     return [r["step"] for r in steps], [r["loss"] for r in steps]
 
 
-def build_wheels() -> None:
-    """Wheels of ddtrain's dependencies (and the mpi extra) for CPython 3.11 manylinux x86_64.
-
-    The container cannot reach PyPI, so the host fetches them into launch/wheels/
-    (the build context), whatever the host's own Python is.
-    """
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["mpi"]
-    platforms = [a for p in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
-                 for a in ("--platform", p)]
-    run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-         "--dest", str(WHEELS), "--only-binary=:all:", "--implementation", "cp",
-         "--python-version", "3.11", "--abi", "cp311", *platforms,
-         *requirements, "setuptools>=68", "wheel"], timeout=600)
-
-
 class Cluster:
-    """One docker-compose project of the cluster, with the module's image and the real data."""
+    """One compose project of the cluster, with the session's image and the real data."""
 
     def __init__(self, image: str, data_dir: Path):
         # Settings of the caller's shell must not leak into the file (an empty one is unset).
-        blank = {k: "" for k in os.environ if k.startswith("DDTRAIN_")}
-        self.env = {**blank, "DDTRAIN_IMAGE": image, "DDTRAIN_DATA_HOST": str(data_dir)}
+        self.env = {**blank_ddtrain_env(), "DDTRAIN_IMAGE": image, "DDTRAIN_DATA_HOST": str(data_dir)}
 
     def compose(self, *args: str, timeout: float, check: bool = True,
                 env: dict | None = None) -> subprocess.CompletedProcess:
-        cmd = ["docker-compose", "-f", str(COMPOSE_FILE), "-p", PROJECT, *args]
+        cmd = [*compose_command(), "-f", str(COMPOSE_FILE), "-p", PROJECT, *args]
         return run(cmd, env={**self.env, **(env or {})}, timeout=timeout, check=check)
 
     def container(self, service: str) -> str:
         """Id of the service's container (running or stopped)."""
-        cid = self.compose("ps", "-q", service, timeout=60).stdout.strip()
+        cid = self.compose("ps", "-a", "-q", service, timeout=60).stdout.strip()
         assert cid, f"no container for {service}"
         return cid
 
@@ -123,86 +97,10 @@ class Cluster:
     def down(self) -> None:
         self.compose("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=180, check=False)
         left = self.leftovers()
-        assert not left, f"docker-compose down left these behind: {left}"
+        assert not left, f"compose down left these behind: {left}"
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def timings(request):
-    """Seconds per phase, printed (even with output captured) when the module ends."""
-    t: dict[str, float | str] = {}
-    yield t
-    text = "docker cluster timings: " + ", ".join(f"{k} {v:.1f} s" if isinstance(v, float) else f"{k} [{v}]"
-                                                  for k, v in t.items())
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print("\n" + text, flush=True)
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    return find_real_data()
-
-
-@pytest.fixture(scope="module")
-def engine() -> None:
-    for exe in ("docker", "docker-compose"):
-        if shutil.which(exe) is None:
-            skip_or_fail(f"{exe} is not installed (launch/docker-setup.sh installs it)")
-    if run(["docker", "info"], check=False, timeout=60).returncode != 0:
-        skip_or_fail("no Docker engine answers `docker info` (launch/docker-setup.sh starts one)")
-
-
-def image_ids() -> set[str]:
-    return set(run(["docker", "images", "--all", "--quiet", "--no-trunc"], timeout=60).stdout.split())
-
-
-def remove_new_images(before: set[str]) -> None:
-    """Remove the images made since `before` (tagged ones and the untagged layers and build
-    stages the legacy builder leaves), newest first so that children go before parents."""
-    new = image_ids() - before
-    if not new:
-        return
-    created = run(["docker", "image", "inspect", "--format", "{{.Created}} {{.Id}}", *new],
-                  check=False, timeout=60).stdout.split("\n")
-    for line in sorted(filter(None, created), reverse=True):
-        run(["docker", "rmi", "--force", line.split()[1]], check=False, timeout=120)
-    left = image_ids() & new
-    assert not left, f"images left behind: {sorted(left)}"
-
-
-@pytest.fixture(scope="module")
-def image(engine, timings, request) -> str:
-    """The node image, built offline on the local base image.  At the end, every image made
-    here is removed (the base image too when it did not exist before), and the wheels."""
-    if not image_exists(BASE_IMAGE) and os.geteuid() != 0:
-        skip_or_fail(f"making {BASE_IMAGE} needs root (debootstrap); or make it once with "
-                     "`sudo launch/make-base-image.sh`")
-    before = image_ids()
-
-    def remove_images():
-        # The tag first: a build that hits the cache all the way gives an existing image id.
-        run(["docker", "rmi", IMAGE], check=False, timeout=120)
-        remove_new_images(before)
-    request.addfinalizer(remove_images)
-    if not WHEELS.exists():
-        request.addfinalizer(lambda: shutil.rmtree(WHEELS, ignore_errors=True))
-
-    t0 = time.monotonic()
-    build_wheels()
-    timings["wheels"] = time.monotonic() - t0
-
-    t0 = time.monotonic()
-    run([str(REPO / "launch" / "make-base-image.sh"), BASE_IMAGE], timeout=900)
-    timings["base image"] = time.monotonic() - t0
-
-    t0 = time.monotonic()
-    run(["docker", "build", "--quiet", "--file", "launch/Dockerfile",
-         "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--tag", IMAGE, "."], timeout=900)
-    timings["image build"] = time.monotonic() - t0
-    return IMAGE
-
-
 @pytest.fixture(scope="module")
 def cluster(image, data_dir, request) -> Cluster:
     c = Cluster(image, data_dir)
@@ -336,3 +234,64 @@ def test_killed_node_ends_job_and_last_checkpoint_loads(cluster, timings):
     result = json.loads(ev.stdout)
     assert result["checkpoint"].startswith("/runs/killed/checkpoints/"), result
     assert math.isfinite(result["test_loss"]) and 0.0 <= result["test_accuracy"] <= 1.0, result
+
+
+# Elastic: 600 steps of 96 (6 epochs of 100), a checkpoint every 25 steps, in deterministic mode.
+ELASTIC_ARGS = ["--config", "tiny", "--train-samples", "9600", "--batch-size", "96", "--seed", "7", "--epochs", "6",
+                "--deterministic", "--set", "train.checkpoint_every=25", "--set", "train.log_every=1",
+                "--set", "dist.straggler_ratio=1000"]
+CHECKPOINT_EVERY = 25
+
+
+def last_step(container: str, run_dir: str) -> int:
+    """The newest step record of RUN_DIR/metrics.jsonl in a running container (0 if none yet)."""
+    tail = run(["docker", "exec", container, "tail", "-n", "3", f"{run_dir}/metrics.jsonl"], check=False,
+               timeout=30).stdout
+    steps = [0]
+    for line in tail.splitlines():
+        try:
+            steps.append(json.loads(line).get("step") or 0)
+        except ValueError:
+            pass  # the line being written
+    return max(steps)
+
+
+def test_killed_node_is_dropped_and_the_job_finishes_on_the_others(cluster, data_dir, tmp_path, timings):
+    """`ddtrain launch --max-restarts 2 --min-ranks 2`: node3 is killed mid-epoch; the job restarts on
+    node1 and node2 from its newest checkpoint and ends with the uninterrupted run's weights, bit for bit."""
+    single = tmp_path / "single"
+    run([sys.executable, "-m", "ddtrain", "train", *ELASTIC_ARGS, "--run-dir", str(single),
+         "--data-dir", str(data_dir)], timeout=300)
+    want = json.loads((single / "summary.json").read_text())
+
+    cluster.compose("up", "--no-build", "--detach", timeout=300,
+                    env={"DDTRAIN_TRAIN_ARGS": " ".join(ELASTIC_ARGS), "DDTRAIN_RUN": "elastic",
+                         "DDTRAIN_LAUNCH_ARGS": "--max-restarts 2 --min-ranks 2"})
+    node1, node3 = cluster.container("node1"), cluster.container("node3")
+    deadline = time.monotonic() + 120
+    while (step := last_step(node1, "/runs/elastic")) < 2 * CHECKPOINT_EVERY + 10:
+        assert time.monotonic() < deadline, "the job did not reach step 60 in 120 s"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    run(["docker", "kill", node3], timeout=60)
+    timings["elastic: node3 killed at step"] = str(step)
+    status = int(run(["docker", "wait", node1], timeout=240).stdout.strip())
+    timings["elastic: kill to the end of the job on 2 nodes"] = time.monotonic() - t0
+    log = run(["docker", "logs", node1], timeout=60)
+    text = log.stdout + log.stderr
+    assert status == 0, text[-6000:]
+    assert "# ddtrain launch: node3 does not answer" in text, text[-6000:]
+    assert "node3 dropped; restart 1 of 2 on 2 rank(s) (node1:1,node2:1)" in text, text[-6000:]
+    assert re.search(r"ranks: 0@node1 1@node2 \(pids", text), text[-6000:]
+
+    metrics = cluster.one_off("cat", "/runs/elastic/metrics.jsonl").stdout
+    (restart,) = [r for r in map(json.loads, metrics.splitlines()) if r["event"] == "restart"]
+    assert restart["dropped_hosts"] == ["node3"] and restart["ranks"] == 2, restart
+    assert restart["steps_redone"] <= CHECKPOINT_EVERY, restart
+    timings["elastic: steps redone"] = str(restart["steps_redone"])
+    timings["elastic: failure to restart (probes)"] = restart["seconds_to_restart"]
+    got = json.loads(cluster.one_off("cat", "/runs/elastic/summary.json").stdout)
+    assert got["world_size"] == 2, got
+    assert got["param_sha256"] == want["param_sha256"], (got["param_sha256"], want["param_sha256"])
+    assert got["test_accuracy"] == want["test_accuracy"]
+    cluster.compose("rm", "--force", "--stop", timeout=120)  # the next test starts a fresh cluster

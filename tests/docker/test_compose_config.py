@@ -1,42 +1,33 @@
-"""docker-compose.yml is valid, and its settings resolve as its header documents.
+"""docker-compose.yml and launch/slurm/docker-compose.yml are valid, and resolve as documented.
 
-Runs `docker-compose config` (no Docker engine needed): the file must parse for
-the installed docker-compose (v1.29 on Debian; v2 reads the same file), and the
-resolved services must form the cluster the docs promise: three nodes on an
-internal network, no published ports, data read-only, keys on an in-memory
-volume, and the environment variables reaching node1's command.
+Runs `docker compose config` (v2, or docker-compose v1 where the plugin is absent; no Docker
+engine needed): the files must parse, and the resolved services must form the clusters the
+docs promise: on an internal network, no published ports, Docker's default capabilities, data
+read-only, keys on an in-memory volume, and the environment variables reaching node1's command.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import yaml
 
-from .conftest import COMPOSE_FILE, run, skip_or_fail
+from .conftest import COMPOSE_FILE, SLURM_COMPOSE_FILE, blank_ddtrain_env, compose_command, run
 
 
 @pytest.fixture(scope="module")
-def compose() -> str:
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        skip_or_fail("docker-compose is not installed (launch/docker-setup.sh installs it)")
-    return exe
+def compose() -> tuple[str, ...]:
+    return compose_command()
 
 
-def resolved(compose: str, **env: str) -> dict:
-    """The configuration docker-compose resolves from the file with exactly the DDTRAIN_* variables `env`."""
-    for k in os.environ:
-        if k.startswith("DDTRAIN_"):
-            env.setdefault(k, "")  # compose treats an empty variable as unset (the :- defaults apply)
-    out = run([compose, "-f", str(COMPOSE_FILE), "config"], env=env, timeout=60).stdout
+def resolved(compose: tuple[str, ...], file=COMPOSE_FILE, **env: str) -> dict:
+    """The configuration compose resolves from `file` with exactly the DDTRAIN_* variables `env`."""
+    out = run([*compose, "-f", str(file), "config"], env={**blank_ddtrain_env(), **env}, timeout=60).stdout
     return yaml.safe_load(out)
 
 
-def test_file_validates(compose):
-    run([compose, "-f", str(COMPOSE_FILE), "config", "-q"], timeout=60)
+@pytest.mark.parametrize("file", [COMPOSE_FILE, SLURM_COMPOSE_FILE], ids=["docker-compose", "slurm"])
+def test_file_validates(compose, file):
+    run([*compose, "-f", str(file), "config", "-q"], timeout=60)
 
 
 def test_three_private_nodes_with_keys_in_memory(compose):
@@ -60,11 +51,38 @@ def test_three_private_nodes_with_keys_in_memory(compose):
 
 def test_environment_reaches_node1_command(compose):
     default = resolved(compose)["services"]["node1"]["command"]
-    assert default.startswith("ddtrain launch -n 3 --hosts node1:1,node2:1,node3:1 -- train --config tiny")
+    assert " ".join(default.split()).startswith(
+        "ddtrain launch -n 3 --hosts node1:1,node2:1,node3:1 -- train --config tiny")
     cfg = resolved(compose, DDTRAIN_NP="6", DDTRAIN_HOSTS="node1:2,node2:2,node3:2",
-                   DDTRAIN_TRAIN_ARGS="--config mlp --epochs 5", DDTRAIN_RUN="mlp", DDTRAIN_IMAGE="x:y")
+                   DDTRAIN_TRAIN_ARGS="--config mlp --epochs 5", DDTRAIN_RUN="mlp", DDTRAIN_IMAGE="x:y",
+                   DDTRAIN_LAUNCH_ARGS="--max-restarts 2 --min-ranks 2")
     node1 = cfg["services"]["node1"]
     assert node1["command"].split() == [
-        "ddtrain", "launch", "-n", "6", "--hosts", "node1:2,node2:2,node3:2", "--", "train",
-        "--config", "mlp", "--epochs", "5", "--run-dir", "/runs/mlp"]
+        "ddtrain", "launch", "-n", "6", "--hosts", "node1:2,node2:2,node3:2", "--max-restarts", "2",
+        "--min-ranks", "2", "--", "train", "--config", "mlp", "--epochs", "5", "--run-dir", "/runs/mlp"]
     assert {svc["image"] for svc in cfg["services"].values()} == {"x:y"}
+
+
+def test_slurm_cluster_is_private_unprivileged_with_its_key_in_memory(compose):
+    cfg = resolved(compose, SLURM_COMPOSE_FILE, DDTRAIN_DATA_HOST="/srv/fmnist")
+    services = cfg["services"]
+    assert sorted(services) == ["controller", "node1", "node2", "node3"]
+    for name, svc in services.items():
+        assert svc["hostname"] == name  # slurmd's NodeName is the hostname
+        assert svc["command"] in (["controller"], ["node"], "controller", "node")
+        assert svc["build"]["target"] == "slurm"
+        for key in ("ports", "privileged", "cap_add", "devices"):
+            assert key not in svc, f"{name} sets {key}"
+        assert list(svc["networks"]) == ["cluster"]
+        assert "/srv/fmnist:/data/fashion-mnist:ro" in svc["volumes"]
+        assert any(v.startswith("munge:/munge") for v in svc["volumes"])
+        assert any(v.startswith("shared:/shared") for v in svc["volumes"])
+    assert cfg["networks"]["cluster"]["internal"] is True
+    assert cfg["volumes"]["munge"]["driver_opts"]["type"] == "tmpfs"
+
+
+def test_slurm_conf_needs_no_cgroups():
+    conf = dict(line.split("=", 1) for line in (SLURM_COMPOSE_FILE.parent / "slurm.conf").read_text().splitlines()
+                if line and not line.startswith("#") and "=" in line and " " not in line.split("=", 1)[0])
+    assert conf["ProctrackType"] == "proctrack/linuxproc" and conf["TaskPlugin"] == "task/none"
+    assert "cgroup" not in " ".join(conf.values())
