@@ -103,9 +103,12 @@ class SlurmCluster:
         return int(self.sh("sbatch --parsable " + " ".join(args)).stdout.strip().split(";")[0])
 
     def job(self, job: int) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, ExitCode, NodeList...)."""
-        out = self.sh(f"scontrol show job -o {job}").stdout
-        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+        """`scontrol show job` as a dict (JobState, ExitCode, NodeList...); JobState UNKNOWN while
+        slurmctld does not answer (it waits up to MessageTimeout for a node that died)."""
+        r = self.sh(f"scontrol show job -o {job}", check=False)
+        if r.returncode != 0:
+            return {"JobState": "UNKNOWN"}
+        return dict(item.split("=", 1) for item in r.stdout.split() if "=" in item)
 
     def wait(self, job: int, timeout: float = 300) -> dict[str, str]:
         deadline = time.monotonic() + timeout
@@ -200,6 +203,33 @@ def test_scancel_mid_run_leaves_a_checkpoint_that_evaluate_reads(slurm, timings)
     ev = json.loads(slurm.sh(f"ddtrain evaluate --checkpoint runs/slurm-{job} --device cpu --json").stdout)
     assert ev["checkpoint"].startswith(f"runs/slurm-{job}/checkpoints/step-"), ev
     assert math.isfinite(ev["test_loss"]) and 0.0 <= ev["test_accuracy"] <= 1.0, ev
+
+
+def test_stalled_rank_is_restarted_and_a_config_error_is_not(slurm, data_dir, tmp_path, timings):
+    """A rank SIGSTOPped at step 8 (`--chaos stop:1:8`): the watchdog ends the job, every node
+    answers, the job restarts on all three from step 5 (no --chaos) and ends with the weights of
+    an uninterrupted run. Then a config error (exit 2): not retried."""
+    args = [*TRAIN_ARGS, "--epochs", "2", "--deterministic", "--set", "train.checkpoint_every=5"]
+    want = json.loads((host_run(data_dir, tmp_path / "single", args) / "summary.json").read_text())
+    t0 = time.monotonic()
+    job = slurm.sbatch("launch/slurm.sbatch", "--max-restarts", "1", "--", *args, "--timeout", "4",
+                       "--chaos", "stop:1:8")
+    info = slurm.wait(job)
+    timings["slurm: stalled rank, sbatch to COMPLETED after a restart"] = time.monotonic() - t0
+    out = slurm.output(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), out[-6000:]
+    assert re.search(r"watchdog: rank 1 \(host node2, pid \d+\) stopped responding at step 8", out), out[-6000:]
+    assert "restart 1 of 1 on 3 rank(s) (node1:1,node2:1,node3:1)" in out, out[-6000:]
+    assert "does not answer" not in out, out[-6000:]
+    got = json.loads(slurm.sh(f"cat runs/slurm-{job}/summary.json").stdout)
+    assert (got["param_sha256"], got["test_accuracy"]) == (want["param_sha256"], want["test_accuracy"])
+
+    job = slurm.sbatch("launch/slurm.sbatch", "--max-restarts", "3", "--", *TRAIN_ARGS, "--set", "train.epochz=1")
+    info = slurm.wait(job)
+    out = slurm.output(job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), out[-4000:]
+    assert "exit code 2 is a usage or config error (the command must change); not restarted" in out, out[-4000:]
+    assert out.count("+ ") == 1, out[-4000:]  # one mpiexec: nothing restarted
 
 
 def test_killed_node_is_left_out_and_the_job_finishes_in_its_allocation(slurm, data_dir, tmp_path, timings):
