@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Make a Docker engine and docker-compose usable on a Debian/Ubuntu machine.
+# Make a Docker engine and compose usable on a Debian/Ubuntu machine.
 #
-# Installs docker.io, docker-compose and debootstrap with apt when a command is
-# missing, starts dockerd in the background when no engine answers, and waits
+# Installs docker.io, docker-compose (v1; only where no `docker compose` v2 plugin
+# works) and debootstrap with apt when a command is missing, starts dockerd in the background when no engine answers, and waits
 # until `docker info` works.  Idempotent: on a machine that already has a running
 # engine it only checks.  Needs root (apt, dockerd).  Used by .ci/run before the
 # @pytest.mark.docker tests.
@@ -16,7 +16,7 @@ log=${DOCKERD_LOG:-/tmp/dockerd.log}
 missing=()
 # `docker` alone may be a bare client (some images ship one): the engine is dockerd.
 command -v dockerd >/dev/null || missing+=(docker.io)
-command -v docker-compose >/dev/null || missing+=(docker-compose)
+docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 if ((${#missing[@]})); then
     echo "docker-setup: installing ${missing[*]}"
@@ -41,4 +41,9 @@ if ! docker info >/dev/null 2>&1; then
     tail -n 20 "$log" >&2 || true
     exit 1
 fi
-echo "docker-setup: engine $(docker version --format '{{.Server.Version}}'), $(docker-compose version --short)"
+if docker compose version >/dev/null 2>&1; then
+    compose="docker compose $(docker compose version --short)"
+else
+    compose="docker-compose $(docker-compose version --short)"
+fi
+echo "docker-setup: engine $(docker version --format '{{.Server.Version}}'), $compose"
