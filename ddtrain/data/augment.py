@@ -78,3 +78,23 @@ def augment(x_out, x_in, global_indices, seed: int, epoch: int, crop_pad: int, h
     xp.multiply(picked.transpose(0, 3, 1, 2), inside[:, None, :, :], out=x_out)
     if fill:
         x_out += xp.asarray(fill, dtype=x_out.dtype) * ~inside[:, None, :, :]
+
+
+class Augmentation:
+    """The training batches' augmentation of a run (data.crop_pad, data.hflip), as a callable:
+    `aug(x, global_indices, epoch)` returns the augmented batch (its own reused buffer), or x
+    itself when the config asks for none. fill: the normalised value of a black pixel."""
+
+    def __init__(self, seed: int, crop_pad: int, hflip: bool, fill: float, xp=np):
+        self.seed, self.crop_pad, self.hflip, self.fill, self.xp = int(seed), int(crop_pad), bool(hflip), fill, xp
+        self.active = self.crop_pad > 0 or self.hflip
+        self._out: dict = {}
+
+    def __call__(self, x, global_indices, epoch: int):
+        if not self.active:
+            return x
+        out = self._out.get(x.shape)
+        if out is None:
+            out = self._out[x.shape] = self.xp.empty_like(x)
+        augment(out, x, global_indices, self.seed, epoch, self.crop_pad, self.hflip, self.xp, fill=self.fill)
+        return out

@@ -32,6 +32,7 @@ from ddtrain.backend import Backend
 from ddtrain.config import Config
 from ddtrain.data.registry import load_dataset
 from ddtrain.data.transforms import normalize_batch
+from ddtrain.data.augment import Augmentation
 from ddtrain.data.order import epoch_permutation, global_batch_indices, steps_per_epoch
 from ddtrain.engine.losses import make_loss
 from ddtrain.engine.model import build_model
@@ -117,6 +118,9 @@ class Trainer:
         self.test_x = backend.from_host(self.data.test_x)
         self.test_y = backend.from_host(self.data.test_y.astype(np.int64))
         self._batch_buffers: dict[int, tuple] = {}
+        # Training batches only; a pure function of (seed, epoch, sample index), on the device.
+        black = 0.0 if cfg.data.normalize == "unit" else -self.data.mean / self.data.std
+        self.augment = Augmentation(cfg.train.seed, cfg.data.crop_pad, cfg.data.hflip, black, self.xp)
         self.cursor = Cursor()
         self.start_epoch_sums()
         self._metrics: MetricsLog | None = None
@@ -183,7 +187,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
     def _batch(self, indices):
-        """Normalised float32 images and int64 labels for these sample indices, on the device."""
+        """Normalised, augmented float32 images and int64 labels for these sample indices (device)."""
         xp = self.xp
         n = len(indices)
         bufs = self._batch_buffers.get(n)
@@ -197,7 +201,7 @@ class Trainer:
         self.backend.take(self.train_x, idx, out=raw)
         self.backend.take(self.train_y, idx, out=y)
         normalize_batch(raw, self.cfg.data.normalize, out=x, mean=self.data.mean, std=self.data.std)
-        return x, y
+        return self.augment(x, idx, self.cursor.epoch), y
 
     # ---------------------------------------------------------------- one step
     def train_step(self, perm) -> StepResult:
