@@ -17,8 +17,11 @@ p: padding, xpad: x padded with p zeros, in NHWC):
               dx for stride 1 and p <= k - 1: the convolution of dy padded by k - 1 - p with the
               kernel flipped and transposed, i.e. im2col of dy and one GEMM, no scatter;
               dx otherwise: dcols = dy @ Wm^T, added back with one strided add per kernel offset.
+    With one input channel the columns are stored (k*k + 1, rows), one kernel offset at a time,
+    the last row ones: the bias rides in the GEMM (Wm's last row) and db comes out of dW's.
 Pooling loops over the k*k kernel offsets: each offset is one strided (N, C, Ho, Wo) view of the
-(padded) input, so every step is a whole-batch ufunc.
+(padded) input, so every step is a ufunc over a chunk of samples; non-overlapping windows
+backpropagate as two broadcast ops on the (N, C, Ho, k, Wo, k) view of dx.
 """
 
 from __future__ import annotations

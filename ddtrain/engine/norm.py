@@ -31,7 +31,7 @@ from ddtrain.engine.layers import memory_order
 
 
 def _to_host(a) -> np.ndarray:
-    """A host copy of a small device array (CuPy arrays have .get(); numpy ones are host arrays)."""
+    """A small device array on the host (CuPy arrays have .get(); a numpy array is returned as is)."""
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
