@@ -236,8 +236,8 @@ def test_killed_node_ends_job_and_last_checkpoint_loads(cluster, timings):
     assert math.isfinite(result["test_loss"]) and 0.0 <= result["test_accuracy"] <= 1.0, result
 
 
-# Elastic: 600 steps of 96 (6 epochs of 100), a checkpoint every 25 steps, in deterministic mode.
-ELASTIC_ARGS = ["--config", "tiny", "--train-samples", "9600", "--batch-size", "96", "--seed", "7", "--epochs", "6",
+# Elastic: 400 steps of 96 (4 epochs of 100), a checkpoint every 25 steps, in deterministic mode.
+ELASTIC_ARGS = ["--config", "tiny", "--train-samples", "9600", "--batch-size", "96", "--seed", "7", "--epochs", "4",
                 "--deterministic", "--set", "train.checkpoint_every=25", "--set", "train.log_every=1",
                 "--set", "dist.straggler_ratio=1000"]
 CHECKPOINT_EVERY = 25

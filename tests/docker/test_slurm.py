@@ -43,8 +43,8 @@ PROJECT = f"ddtrain-slurm-test-{TAG}"
 NODES = ("node1", "node2", "node3")
 # 10 steps of 96 images (the same as tests/docker/test_cluster.py).
 TRAIN_ARGS = ["--config", "tiny", "--train-samples", "960", "--batch-size", "96", "--seed", "7", "--epochs", "1"]
-# Long enough to act on while it trains: 600 steps of 96, a checkpoint every 25, deterministic.
-LONG_ARGS = ["--config", "tiny", "--train-samples", "9600", "--batch-size", "96", "--seed", "7", "--epochs", "6",
+# Long enough to act on while it trains: 400 steps of 96, a checkpoint every 25, deterministic.
+LONG_ARGS = ["--config", "tiny", "--train-samples", "9600", "--batch-size", "96", "--seed", "7", "--epochs", "4",
              "--deterministic", "--set", "train.checkpoint_every=25", "--set", "train.log_every=1",
              "--set", "dist.straggler_ratio=1000"]
 CHECKPOINT_EVERY = 25
@@ -221,6 +221,11 @@ def test_stalled_rank_is_restarted_and_a_config_error_is_not(slurm, data_dir, tm
     assert re.search(r"watchdog: rank 1 \(host node2, pid \d+\) stopped responding at step 8", out), out[-6000:]
     assert "restart 1 of 1 on 3 rank(s) (node1:1,node2:1,node3:1)" in out, out[-6000:]
     assert "does not answer" not in out, out[-6000:]
+    records = [json.loads(line) for line in slurm.sh(f"cat runs/slurm-{job}/metrics.jsonl").stdout.splitlines()]
+    (restart,) = [r for r in records if r["event"] == "restart"]
+    assert restart["checkpoint_step"] == 5 and restart["steps_redone"] <= 5, restart
+    timings["slurm stall: steps redone"] = str(restart["steps_redone"])
+    timings["slurm stall: failure to restart (probes)"] = restart["seconds_to_restart"]
     got = json.loads(slurm.sh(f"cat runs/slurm-{job}/summary.json").stdout)
     assert (got["param_sha256"], got["test_accuracy"]) == (want["param_sha256"], want["test_accuracy"])
 
