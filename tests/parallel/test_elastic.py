@@ -6,14 +6,17 @@ mpiexec, with faults injected by the chaos drills (the first attempt only: the l
   checkpoint and ends with bitwise the weights of an uninterrupted run (--deterministic);
 * a stalled rank (`--chaos stop`, SIGSTOP): the watchdog ends the job, which is restarted;
 * a config error (exit 2) is not retried; a failure that repeats is given up after N restarts
-  with the job's exit code.
+  with the job's exit code; SIGTERM to the launcher (docker stop, kill) stops the job with a
+  checkpoint (passed on to mpiexec, which forwards it to every rank) and is not retried.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -27,14 +30,18 @@ TRAIN = ["train", "--config", "tiny", "--threads", "1", "--train-samples", "512"
 EVERY = 3
 
 
-def launch(*args, timeout: float = 180) -> tuple[int | None, str]:
-    """`ddtrain launch ARGS` as a user runs it; (exit status, stdout + stderr)."""
+def start(*args) -> subprocess.Popen:
+    """`ddtrain launch ARGS` as a user runs it, in a session of its own."""
     mpiexec()  # skips (fails under CI) without MPI
     env = {**os.environ, "DDTRAIN_DATA": str(data_dir()), "PYTHONUNBUFFERED": "1"}
     env.pop("DDTRAIN_DEBUG", None)
-    proc = subprocess.Popen([PYTHON, "-m", "ddtrain", "launch", *map(str, args)], cwd=REPO, env=env, text=True,
+    return subprocess.Popen([PYTHON, "-m", "ddtrain", "launch", *map(str, args)], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    rc, out, err = communicate_or_kill(proc, timeout)
+
+
+def launch(*args, timeout: float = 180) -> tuple[int | None, str]:
+    """(exit status, stdout + stderr) of `ddtrain launch ARGS` run to its end."""
+    rc, out, err = communicate_or_kill(start(*args), timeout)
     return rc, out + err
 
 
@@ -99,3 +106,19 @@ def test_repeating_failure_is_given_up_after_max_restarts(tmp_path):
 def test_restarts_need_a_train_command():
     rc, log = launch("-n", 2, "--max-restarts", 1, "--", "evaluate", "--checkpoint", "x")
     assert rc == 2 and "--max-restarts restarts `train` jobs" in log, log
+
+
+def test_sigterm_to_the_launcher_stops_the_job_with_a_checkpoint_and_no_restart(tmp_path):
+    run = tmp_path / "run"
+    proc = start("-n", 2, "--max-restarts", 3, "--", *TRAIN, "--epochs", 200, "--run-dir", run)
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher alone, as docker stop or kill PID does
+    rc, out, err = communicate_or_kill(proc, 60)
+    log = out + err
+    assert rc == 143, log
+    assert "interrupted by SIGTERM at step" in log, log
+    assert "the job was stopped by a signal to the launcher (exit code 143); not restarted" in log, log
+    assert not restarts(run) and log.count("+ ") == 1, log
