@@ -577,7 +577,11 @@ def run_launch(n: int, command_args: Sequence[str], hosts: str | None = None, ho
     job_env = {**environ, "SLURM_OVERLAP": "1"} if launcher == "slurm" else None
     args, restarts = list(command_args), 0
     with _Signals(forward_term=launcher is None and not environ.get("SLURM_JOB_ID")) as signals:
+        rc = 0
         while True:
+            if signals.received:  # a stop asked for while the launcher prepared a restart
+                echo(f"# ddtrain launch: stopped by a signal before restart {restarts}; exit code {rc}")
+                return rc
             rc = _run(cmd, signals, job_env if restarts else None)
             if rc == 0 or max_restarts == 0:
                 return rc
@@ -603,20 +607,21 @@ def run_launch(n: int, command_args: Sequence[str], hosts: str | None = None, ho
             if progress.checkpoint is not None:
                 resume = (f"from {progress.checkpoint} (step {progress.checkpoint_step}; the run had logged step "
                           f"{progress.last_step}: {progress.steps_redone} step(s) redone)")
-            else:
-                resume = f"from the start (no checkpoint yet: {progress.last_step} step(s) redone)"
+            else:  # --overwrite replaces the run directory: the record below would go with it
+                resume = (f"from the start (no checkpoint yet: {progress.last_step} step(s) redone; the run "
+                          f"directory is replaced, so this restart is not recorded there)")
             note = f"; {', '.join(removed)} left out (a drill runs on the first attempt only)" if removed else ""
             dropped = f"; {', '.join(plan.dropped)} dropped" if plan.dropped else ""
             echo(f"# ddtrain launch: the job failed with exit code {rc}{dropped}; restart {restarts} of {max_restarts} "
                  f"on {plan.n} rank(s) ({where}) {resume}{note}")
             n, host_list = plan.n, plan.hosts
             cmd = build_launch_command(n, host_list, None, args, flavor, exe, env, launcher=launcher)
-            append_record(Path(run_dir), {
-                "event": "restart", "restart": restarts, "max_restarts": max_restarts, "exit_code": rc,
-                "dropped_hosts": list(plan.dropped), "ranks": n,
-                "hosts": format_hosts(host_list) if host_list else None,
-                "checkpoint": str(progress.checkpoint) if progress.checkpoint else None,
-                "checkpoint_step": progress.checkpoint_step, "last_logged_step": progress.last_step,
-                "steps_redone": progress.steps_redone, "removed_args": removed,
-                "seconds_to_restart": round(time.monotonic() - failed_at, 3)})
+            if progress.checkpoint is not None:
+                append_record(Path(run_dir), {
+                    "event": "restart", "restart": restarts, "max_restarts": max_restarts, "exit_code": rc,
+                    "dropped_hosts": list(plan.dropped), "ranks": n,
+                    "hosts": format_hosts(host_list) if host_list else None, "checkpoint": str(progress.checkpoint),
+                    "checkpoint_step": progress.checkpoint_step, "last_logged_step": progress.last_step,
+                    "steps_redone": progress.steps_redone, "removed_args": removed,
+                    "seconds_to_restart": round(time.monotonic() - failed_at, 3)})
             echo(shlex.join(cmd))

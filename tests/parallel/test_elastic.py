@@ -122,3 +122,15 @@ def test_sigterm_to_the_launcher_stops_the_job_with_a_checkpoint_and_no_restart(
     assert "interrupted by SIGTERM at step" in log, log
     assert "the job was stopped by a signal to the launcher (exit code 143); not restarted" in log, log
     assert not restarts(run) and log.count("+ ") == 1, log
+
+
+def test_a_crash_before_the_first_checkpoint_starts_over(reference, tmp_path):
+    run = tmp_path / "run"
+    rc, log = launch("-n", 2, "--max-restarts", 1, "--", *TRAIN, "--run-dir", run, "--chaos", "kill:0:2")
+    assert rc == 0, log
+    assert "from the start (no checkpoint yet: 1 step(s) redone; the run directory is replaced" in log, log
+    lines = log.splitlines()
+    after = lines[next(i for i, line in enumerate(lines) if "restart 1 of 1" in line) + 1]
+    assert after.startswith("+ ") and after.endswith(" --overwrite"), log  # the restart's command
+    assert not (run / "metrics.jsonl").read_text().count('"restart"')  # replaced with the run directory
+    assert summary(run)["param_sha256"] == reference["param_sha256"]
