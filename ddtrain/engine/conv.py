@@ -284,7 +284,10 @@ class Conv2d(_Spatial):
         shape = (kk + fold, co) if fold else (co, kk)
         acc, part = self._buf("dwm", shape, dy.dtype), self._buf("dwm-part", shape, dy.dtype)
         hw = ho * wo
-        chunks = self._chunks(n, max(hw, h * w), max(kk, k * k * co), dy.dtype.itemsize)
+        if direct:  # chunks sized for both the forward's columns and dy's
+            chunks = self._chunks(n, max(hw, h * w), max(kk, k * k * co), dy.dtype.itemsize)
+        else:
+            chunks = self._chunks(n, hw, kk, dy.dtype.itemsize)
         for a, b in chunks:
             cols = self._im2col(self._src, a, b, ho, wo, k, s, "cols", chunks[0][1])
             out = acc if a == 0 else part
