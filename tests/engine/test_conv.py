@@ -398,3 +398,18 @@ def test_conv_init_schemes_use_the_kernel_fan_in():
     assert np.abs(conv.b).max() <= bound and conv.b.std() > 0.3 * bound
     he = build_model([{"type": "conv2d", "out": 64, "kernel": 3}], (32, 8, 8), init="he", seed=1).layers[0]
     assert he.W.std() == pytest.approx(np.sqrt(2 / (32 * 9)), rel=0.03) and not he.b.any()
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn-small"])
+def test_cnn_configs_build_and_summary_prints_their_flops(name):
+    from click.testing import CliRunner
+
+    from ddtrain.cli import main
+    from ddtrain.config import load_config
+    cfg = load_config(name)
+    model = build_model(cfg.model.layers, (1, 28, 28))
+    assert model.out_shape == (10,) and any(isinstance(layer, BatchNorm2d) for layer in model.layers)
+    result = CliRunner().invoke(main, ["summary", "--config", name])
+    assert result.exit_code == 0, result.output
+    assert "Conv2d(1 -> " in result.output
+    assert f"{sum(model.flops()) / 1e6:.2f} MFLOPs per sample forward" in result.output
