@@ -10,18 +10,20 @@ makes single runs meaningless. Sections (``--sections``):
              (784-512-512-10 ReLU, float32, SGD momentum, cosine), 1 BLAS thread, the same
              initial weights and data order (all three print the same last-step loss), at each
              batch size. ddtrain's samples/s is wall time between its first and last step
-             records in metrics.jsonl; the loops time every step after the first.
+             records in metrics.jsonl; the loops time every step after the first. Alternated
+             with them: the products-only limit (ddtrain.benchmarks.products: the step's 8
+             matrix products alone, as ddtrain calls them), and the fraction of it ddtrain reaches.
   ranks      at per-rank batch b: 1 rank (batch b); 2 ranks (mpiexec -n 2, global batch 2b) as
              `ddtrain train` runs them by default (one node: the shared-memory step), and through
              the MPI allreduce (dist.shared_memory=false), blocking and overlapped; two independent
              1-rank runs started together (this machine's ceiling for 2 ranks: same cores, no
              communication); the bare numpy+mpi4py data-parallel loop, plain and shared-memory.
   allreduce  ddtrain's gradient reduction against a bare mpi4py Allreduce of the same bytes, and
-             the shared-memory reduction against a memcpy (benchmarks/allreduce.py, 2 ranks).
+             the shared-memory sync against a memcpy (ddtrain.benchmarks.allreduce, 2 ranks).
   startup    `ddtrain --help` wall time; launch to the end of the first training step (default
              config) for 1 and 2 ranks.
   profile    one steady-state step split into matmul, element-wise, optimizer, data, communication
-             and Python (benchmarks/profile_step.py), 1 and 2 ranks.
+             and Python (ddtrain.benchmarks.profile_step), 1 and 2 ranks.
   gpu        `ddtrain train --device gpu` against the PyTorch loop on CUDA, one process, at batches
              256, 1024 and 4096, when CuPy sees a GPU (torch's row when torch sees one too);
              otherwise recorded as skipped, with the reason. (Never run yet: no GPU here.)
@@ -31,8 +33,9 @@ as this environment has them (or as ``--blas-env`` gives them); "unset" removes 
 then picks its kernel for the CPU). PyTorch (MKL) and ddtrain always run under the same setting.
 When the environment sets neither, there is one setting.
 
-The helper scripts live in benchmarks/ of a source checkout. Output: a table on stdout, and
-everything (every run's figures, the medians, the goals of issue 6) as JSON in ``--output``.
+The processes it starts run the modules of ddtrain.benchmarks (installed with the package, so
+it works from a wheel). Output: a table on stdout, and everything (every run's figures, the
+medians, each goal with its target and whether it is met) as JSON in ``--output``.
 """
 
 from __future__ import annotations
@@ -48,12 +51,14 @@ from pathlib import Path
 import click
 
 from ddtrain.errors import ConfigError, DDTrainError
+from ddtrain.parallel.threads import THREAD_VARS
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "benchmarks"
+# The directory holding the ddtrain package (site-packages, or a source checkout's root): the
+# processes the benchmark starts import this ddtrain, wherever they run.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = "ddtrain.benchmarks"  # the scripts, run as `python -m ddtrain.benchmarks.NAME`
 BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-IMPLS = ("ddtrain", "numpy", "numpy-reuse", "torch")
+IMPLS = ("ddtrain", "numpy", "numpy-reuse", "torch", "products")  # products: the products-only limit
 SECTIONS = ("single", "ranks", "allreduce", "startup", "profile", "gpu")
 GPU_BATCHES = (256, 1024, 4096)  # a GPU needs large batches to be busy
 # ddtrain's 2-rank variants: name -> its --set options (the default first).
@@ -63,15 +68,22 @@ DDTRAIN_PAIRS = {"2 ranks": (),
 RANK_VARIANTS = ("1 rank", *DDTRAIN_PAIRS, "2 independent", "numpy+mpi4py", "numpy+shm")
 RUN_TIMEOUT = 600  # seconds any one process may take
 
-# Issue 6's goals: (key, what, target, "min" or "max").
+# The goals: (key, what, target, "min" (figure >= target) or "max" (figure <= target)).
 GOALS = (
-    ("torch_64", "ddtrain / PyTorch samples/s, batch 64", 1.3, "min"),
-    ("torch_256", "ddtrain / PyTorch samples/s, batch 256", 1.15, "min"),
+    ("torch_64", "1 process, batch 64: ddtrain / PyTorch samples/s", 1.15, "min"),
+    ("torch_256", "1 process, batch 256: ddtrain / PyTorch samples/s", 1.1, "min"),
+    ("products_256", "1 process, batch 256: ddtrain / the products-only limit (its 8 matrix products alone)",
+     0.88, "min"),
     ("numpy", "ddtrain / hand-written numpy loop, every batch (worst)", 1.0, "min"),
-    ("pair", "2 ranks (default: node shared memory) / two independent processes (worst batch)", 0.95, "min"),
-    ("pair_allreduce", "the same through the MPI allreduce (dist.shared_memory=false)", 0.95, "min"),
-    ("allreduce", "ddtrain gradient allreduce (dist.overlap=false, the default) / bare Allreduce", 1.1, "max"),
-    ("shm", "shared-memory reduction / memcpy", 3.0, "max"),
+    ("allreduce", "gradient allreduce, blocking (the allreduce default) / bare mpi4py Allreduce, same buffer",
+     1.05, "max"),
+    ("overlap", "gradient allreduce, overlapped buckets / blocking (no slower)", 1.0, "max"),
+    ("pair_allreduce_64", "2 ranks through the MPI allreduce / two independent processes, per-rank batch 64",
+     0.85, "min"),
+    ("pair_allreduce_256", "2 ranks through the MPI allreduce / two independent processes, per-rank batch 256",
+     0.95, "min"),
+    ("pair", "2 ranks default (node shared memory) / two independent processes (worst batch)", 0.95, "min"),
+    ("shm", "shared-memory sync (sum of the node's gradients, publish) / memcpy", 3.0, "max"),
     ("rss", "peak RSS per rank, MB (default model, dataset included)", 300.0, "max"),
     ("help", "ddtrain --help, s", 0.5, "max"),
     ("first_step", "launch to first training step, s (worst of 1 and 2 ranks)", 3.0, "max"),
@@ -161,7 +173,7 @@ class Runner:
         for key in THREAD_VARS:
             env[key] = "1"
         env.pop("DDTRAIN_THREADS", None)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         if self.opts.data_dir:
             env["DDTRAIN_DATA"] = str(self.opts.data_dir)
         return env
@@ -259,8 +271,10 @@ class Runner:
         return self.ddtrain_result(run_dir, batch)
 
     def loop_cmd(self, impl: str, batch: int, samples: int) -> list[str]:
-        script = "torch_loop.py" if impl in ("torch", "torch-cuda") else "numpy_loop.py"
-        cmd = [self.python, str(SCRIPTS / script), "--batch", str(batch), "--samples", str(samples),
+        if impl == "products":
+            return [self.python, "-m", f"{BENCHMARKS}.products", "--batch", str(batch), "--samples", str(samples)]
+        module = "torch_loop" if impl in ("torch", "torch-cuda") else "numpy_loop"
+        cmd = [self.python, "-m", f"{BENCHMARKS}.{module}", "--batch", str(batch), "--samples", str(samples),
                "--weights", str(self.weights), "--check-step", str(self.log_every(batch, samples))]
         if impl == "torch-cuda":
             cmd += ["--device", "cuda"]
@@ -280,7 +294,8 @@ class Runner:
             cmd = self.mpiexec(ranks) + cmd
         out = self.run(cmd, setting)
         result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
-        result.setdefault("peak_rss_mb_per_rank", [result["peak_rss_mb"]])
+        if "peak_rss_mb" in result:  # the products-only limit is no training run
+            result.setdefault("peak_rss_mb_per_rank", [result["peak_rss_mb"]])
         return result
 
     def independent_pair(self, setting: dict, batch: int, samples: int) -> dict:
@@ -323,6 +338,10 @@ def section_single(r: Runner, setting: dict, impls: list[str], samples: int, bat
         for impl in impls:
             rs = runs[b][impl]
             cell[impl] = summarize([x["samples_per_second"] for x in rs])
+            if impl == "products":  # no training: no loss, no RSS worth reporting
+                cell[impl]["step_ms"] = median([x["step_ms"] for x in rs])
+                cell[impl]["gflops"] = median([x["gflops"] for x in rs])
+                continue
             cell[impl]["peak_rss_mb"] = max(max(x["peak_rss_mb_per_rank"]) if "peak_rss_mb_per_rank" in x
                                             else x["peak_rss_mb"] for x in rs)
             cell[impl]["last_loss"] = rs[-1]["last_loss"]
@@ -372,15 +391,17 @@ def section_ranks(r: Runner, setting: dict, samples: int) -> dict:
 
 
 def section_allreduce(r: Runner, setting: dict) -> dict:
-    out = r.run(r.mpiexec(2) + [r.python, str(SCRIPTS / "allreduce.py"), "--repeats",
+    out = r.run(r.mpiexec(2) + [r.python, "-m", f"{BENCHMARKS}.allreduce", "--repeats",
                                 str(r.opts.allreduce_repeats)], setting)
     res = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     med = res["median_us"]
     res["ratios"] = {
-        "ddtrain allreduce (default, blocking) / bare Allreduce": ratio(med["ddtrain_blocking"], med["bare_allreduce"]),
+        "ddtrain allreduce (blocking, the allreduce default) / bare Allreduce":
+            ratio(med["ddtrain_blocking"], med["bare_allreduce"]),
         "ddtrain allreduce, overlapped buckets / bare Allreduce": ratio(med["ddtrain_overlap"], med["bare_allreduce"]),
+        "overlapped buckets / blocking": ratio(med["ddtrain_overlap"], med["ddtrain_blocking"]),
         "bare Allreduce / memcpy": ratio(med["bare_allreduce"], med["memcpy"]),
-        "shared-memory sum / memcpy": ratio(med.get("shm_sum"), med["memcpy"]),
+        "shared-memory sync / memcpy": ratio(med.get("shared_memory"), med["memcpy"]),
     }
     return res
 
@@ -423,7 +444,7 @@ def section_profile(r: Runner, setting: dict) -> dict:
         for b in r.opts.batches:
             g = b * ranks
             steps = min(12 if r.opts.quick else 200, 60000 // g)  # FashionMNIST has 60,000 images
-            cmd = [r.python, str(SCRIPTS / "profile_step.py"), "--batch", str(g), "--samples", str(steps * g)]
+            cmd = [r.python, "-m", f"{BENCHMARKS}.profile_step", "--batch", str(g), "--samples", str(steps * g)]
             for s in sets:
                 cmd += ["--set", s]
             if r.opts.data_dir:
@@ -467,22 +488,26 @@ def section_gpu(r: Runner, setting: dict) -> dict:
 
 # ------------------------------------------------------------------------------ goals and table
 def goals(result: dict, setting: int = 0) -> list[dict]:
-    """Issue 6's goals against the figures of one BLAS setting (the first: as the environment sets
+    """The goals (GOALS) against the figures of one BLAS setting (the first: as the environment sets
     it, the one CI uses); the allreduce and start-up (no BLAS kernels) are measured once."""
     first = result["settings"][setting]
     single, ranks = first.get("single", {}), first.get("ranks", {})
     fig = {}
     for b, key in ((64, "torch_64"), (256, "torch_256")):
         fig[key] = (single.get(str(b), {}).get("ddtrain/torch") or {}).get("median")
+    fig["products_256"] = (single.get("256", {}).get("ddtrain/products") or {}).get("median")
     vs_numpy = [c["ddtrain/numpy"]["median"] for c in single.values() if "ddtrain/numpy" in c]
     fig["numpy"] = min(vs_numpy) if vs_numpy else None
     pair = [c["2 ranks / 2 independent"]["median"] for c in ranks.values()]
     fig["pair"] = min(pair) if pair and None not in pair else None
-    pair = [c["2 ranks, allreduce / 2 independent"]["median"] for c in ranks.values()]
-    fig["pair_allreduce"] = min(pair) if pair and None not in pair else None
+    for b in (64, 256):
+        fig[f"pair_allreduce_{b}"] = (ranks.get(str(b), {}).get("2 ranks, allreduce / 2 independent")
+                                      or {}).get("median")
     ar = result.get("allreduce") or {}
-    fig["allreduce"] = (ar.get("ratios") or {}).get("ddtrain allreduce (default, blocking) / bare Allreduce")
-    fig["shm"] = (ar.get("ratios") or {}).get("shared-memory sum / memcpy")
+    ratios = ar.get("ratios") or {}
+    fig["allreduce"] = ratios.get("ddtrain allreduce (blocking, the allreduce default) / bare Allreduce")
+    fig["overlap"] = ratios.get("overlapped buckets / blocking")
+    fig["shm"] = ratios.get("shared-memory sync / memcpy")
     rss = [c["ddtrain"]["peak_rss_mb"] for c in single.values() if "ddtrain" in c]
     rss += [c[v]["peak_rss_mb_per_rank"] for c in ranks.values() for v in ("1 rank", "2 ranks")]
     fig["rss"] = max(rss) if rss else None
@@ -567,7 +592,7 @@ def format_table(result: dict) -> str:
         lines += ["", f"startup: ddtrain --help {_cell(st['help_seconds'], '{:.3f} s')}; first training step "
                       + ", ".join(f"{k} {_cell(v, '{:.2f} s')}" for k, v in st["first_step_seconds"].items())]
     for by_setting in result.get("goals_by_setting") or [{"label": "", "goals": result["goals"]}]:
-        lines += ["", f"goals (issue 6), BLAS {by_setting['label']}"]
+        lines += ["", f"goals, BLAS {by_setting['label']}"]
         rows = [[g["what"], ("≥ " if g["kind"] == "min" else "≤ ") + f"{g['target']:g}",
                  _f(g["figure"], "{:.3f}"), {True: "met", False: "NOT MET", None: "not measured"}[g["met"]]]
                 for g in by_setting["goals"]]
@@ -577,16 +602,29 @@ def format_table(result: dict) -> str:
 
 def _single_table(cells: dict) -> list[str]:
     """section_single's {batch: cell} as rows: samples/s of each implementation, ratios of
-    ddtrain to the others, peak RSS, and the check loss (the same training gives the same)."""
+    ddtrain to the others (to "products": the fraction of the products-only limit reached), peak
+    RSS, and the check loss (the same training gives the same)."""
     impls = [k for k in next(iter(cells.values())) if "/" not in k]
     others = [i for i in impls if i != "ddtrain"]
-    head = ["batch"] + [f"{i} samples/s" for i in impls] + [f"ddtrain/{i}" for i in others]
-    rows = [[b] + [_cell(c.get(i)) for i in impls] + [_cell(c.get(f"ddtrain/{i}"), "{:.2f}x") for i in others]
+    trained = [i for i in impls if i != "products"]
+    label = {"products": "products-only limit"}
+    head = (["batch"] + [f"{label.get(i, i)} samples/s" for i in impls]
+            + [("ddtrain / limit" if i == "products" else f"ddtrain/{i}") for i in others])
+    rows = [[b] + [_cell(c.get(i)) for i in impls]
+            + [_cell(c.get(f"ddtrain/{i}"), "{:.3f}" if i == "products" else "{:.2f}x") for i in others]
             for b, c in cells.items()]
-    rows.append(["RSS MB"] + [_f(max(c[i]["peak_rss_mb"] for c in cells.values()), "{:.0f}") for i in impls]
-                + [""] * len(others))
+    blank = [""] * len(others)
+    rows.append(["RSS MB"] + [_f(max(c[i]["peak_rss_mb"] for c in cells.values()), "{:.0f}") if i in trained
+                              else "" for i in impls] + blank)
     first = next(iter(cells.values()))
-    rows.append(["loss"] + [_f(first[i]["check_loss"], "{:.6f}") for i in impls] + [""] * len(others))
+    rows.append(["loss"] + [_f(first[i]["check_loss"], "{:.6f}") if i in trained else "" for i in impls] + blank)
+    if "products" in impls:  # the limit's own figures: ms a step, GFLOP/s
+        k = impls.index("products")
+        for b, c in cells.items():
+            p = c["products"]
+            row = [f"8 products, batch {b}"] + [""] * (len(impls) + len(others))
+            row[1 + k] = f"{_f(p.get('step_ms'), '{:.3f}')} ms, {_f(p.get('gflops'), '{:.0f}')} GFLOP/s"
+            rows.append(row)
     return _grid(head, rows)
 
 
@@ -603,9 +641,6 @@ def run_bench(opts: Options, echo=print) -> dict:
     import importlib.util
     import tempfile
 
-    if not SCRIPTS.is_dir():
-        raise DDTrainError(f"ddtrain bench runs the scripts in {SCRIPTS}, which is missing: run it from a "
-                           f"source checkout (git clone ...; pip install -e .)")
     impls = [i for i in opts.impls if i != "torch" or importlib.util.find_spec("torch") is not None]
     skipped = [i for i in opts.impls if i not in impls]
     largest = max(opts.batches) * (2 if "ranks" in opts.sections else 1)

@@ -12,10 +12,11 @@ Contract (the trainer and data parallelism rely on it):
 
 from __future__ import annotations
 
-import difflib
 
 from ddtrain.backend import CPU, Backend
-from ddtrain.engine.layers import BufferPool
+from ddtrain.engine.layers import BufferPool, memory_order
+from ddtrain.choices import registry, unknown
+from ddtrain import choices
 from ddtrain.errors import ConfigError
 
 
@@ -27,8 +28,8 @@ class Loss:
         self._pool = BufferPool()
         self._rows: dict = {}
 
-    def _buf(self, tag, shape, dtype):
-        return self._pool.get(self.xp, tag, shape, dtype)
+    def _buf(self, tag, shape, dtype, order="C"):
+        return self._pool.get(self.xp, tag, shape, dtype, order)
 
     def _arange(self, n):
         """arange(n) on the device, cached: the row indices that pick each sample's label column."""
@@ -45,43 +46,46 @@ class Loss:
 
     def correct(self, logits, labels):
         """0-d count of rows where argmax(logits) == label. logits (N, C), labels (N,)."""
-        return self.xp.asarray((logits.argmax(axis=1) == labels).sum())
+        return self.xp.asarray(self.xp.count_nonzero(logits.argmax(axis=1) == labels))
 
 
 class SoftmaxCrossEntropy(Loss):
-    """loss_n = logsumexp(z_n) - z_n[y_n], fused with softmax (seed 003).
+    """loss_n = logsumexp(z_n) - z_n[y_n], fused with softmax (gradient softmax - onehot).
 
     Stable for any logits: z is shifted by its row max before exp. Keeps the softmax p:
         d(scale * sum_n loss_n)/dz = (p - onehot(y)) * scale.
+    Its (N, C) buffers take the memory order of the logits (Linear writes them column-major):
+    mixing orders made every element-wise call of the loss a strided one (forward 26 -> 17 us,
+    batch 256). z is computed in p's buffer and its label column read before exp overwrites it.
     """
 
     def forward(self, logits, labels):
         xp = self.xp
         n, c = logits.shape
-        rows = self._arange(n)
+        order = memory_order(logits)
         shift = self._buf("shift", (n, 1), logits.dtype)
         xp.max(logits, axis=1, keepdims=True, out=shift)
-        z = self._buf("z", (n, c), logits.dtype)
-        xp.subtract(logits, shift, out=z)
-        p = self._buf("p", (n, c), logits.dtype)
-        xp.exp(z, out=p)
+        p = self._buf("p", (n, c), logits.dtype, order)
+        xp.subtract(logits, shift, out=p)  # z = logits - row max
+        picked = p[self._arange(n), labels].sum()  # sum_n z_n[y_n]
+        xp.exp(p, out=p)
         s = self._buf("s", (n, 1), logits.dtype)
         xp.sum(p, axis=1, keepdims=True, out=s)
         xp.divide(p, s, out=p)
         xp.log(s, out=s)
         self._p, self._labels, self._n = p, labels, n
-        return xp.asarray(s.sum() - z[rows, labels].sum())
+        return xp.asarray(s.sum() - picked)
 
     def backward(self, scale):
         xp, p = self.xp, self._p
-        d = self._buf("d", p.shape, p.dtype)
+        d = self._buf("d", p.shape, p.dtype, memory_order(p))
         xp.multiply(p, scale, out=d)
         d[self._arange(self._n), self._labels] -= scale
         return d
 
 
 class MeanSquaredError(Loss):
-    """Seed 000's regression onto one-hot targets, PyTorch's MSELoss convention per sample.
+    """Regression onto one-hot targets (the single-layer tanh network's loss), PyTorch's MSELoss convention per sample.
 
     loss_n = (1/C) * sum_c (z_nc - t_nc)^2 with t = onehot(y) (1.0 for the class, 0 elsewhere),
     i.e. MSELoss(reduction='mean') over one sample's C outputs; forward returns sum_n loss_n.
@@ -106,7 +110,7 @@ class MeanSquaredError(Loss):
 
 
 class MulticlassHinge(Loss):
-    """Seed 001's multiclass SVM loss (cs231n): loss_n = sum_{j != y_n} max(0, z_nj - z_ny + 1).
+    """The multiclass SVM loss (cs231n): loss_n = sum_{j != y_n} max(0, z_nj - z_ny + 1).
 
     d/dz_nj = scale * [margin_nj > 0] for j != y_n, and d/dz_ny = -scale * (number of such j).
     """
@@ -134,17 +138,15 @@ class MulticlassHinge(Loss):
         return d
 
 
-LOSSES = {
+LOSSES = registry(choices.LOSSES, {
     "cross_entropy": SoftmaxCrossEntropy,
     "mse": MeanSquaredError,
     "hinge": MulticlassHinge,
-}
+})
 
 
 def make_loss(name: str, backend: Backend = CPU) -> Loss:
     """A new loss by registry name; ConfigError (with a suggestion) for an unknown one."""
     if name not in LOSSES:
-        close = difflib.get_close_matches(str(name), LOSSES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown loss {name!r}{hint}; valid losses: {', '.join(LOSSES)}")
+        raise ConfigError(unknown("loss", name, LOSSES))
     return LOSSES[name](backend)

@@ -108,6 +108,36 @@ def test_relu_passes_gradient_only_where_the_input_was_positive():
     np.testing.assert_array_equal(model.backward(np.array([[10.0, 20.0, 30.0, 40.0]])), [[0, 20, 0, 40]])
 
 
+def test_relu_matches_max_for_finite_nan_and_inf_and_masks_from_its_forward():
+    """ReLU computes x * (x > 0): max(x, 0) for every x but -inf (NaN, so an overflow reaches
+    the non-finite check); NaN stays NaN. backward uses forward's mask and writes dx over y."""
+    model = single_layer_model(ReLU(), (6,), dtype=np.float32)
+    x = np.array([[-3.0, -0.0, 0.0, 1.5, np.inf, np.nan]], np.float32)
+    with np.errstate(invalid="ignore"):
+        y = model.forward(x, True).copy()
+    np.testing.assert_array_equal(y, [[0, 0, 0, 1.5, np.inf, np.nan]])
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(model.forward(np.array([[-np.inf] * 6], np.float32), True)).all()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((9, 6)).astype(np.float32)
+    y = model.forward(x, True).copy()
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    dy = rng.standard_normal((9, 6)).astype(np.float32)
+    dx = model.backward(dy)
+    np.testing.assert_array_equal(dx, dy * (x > 0))
+    assert dx is model.layers[0]._y  # the spent forward output holds dx: one buffer fewer
+
+
+def test_linear_bias_gradient_is_the_batch_sum_for_every_batch_size():
+    rng = np.random.default_rng(1)
+    model = Sequential([Linear(7)], (5,), dtype=np.float64, input_grad=True)
+    for n in (1, 4, 33, 4):  # a new batch size gets its own ones vector, an old one reuses it
+        x, dy = rng.standard_normal((n, 5)), rng.standard_normal((n, 7))
+        model.forward(x, True)
+        model.backward(dy)
+        np.testing.assert_allclose(model.layers[0].db, dy.sum(axis=0), rtol=1e-13, atol=1e-14)
+
+
 def test_sigmoid_is_stable_for_huge_inputs():
     model = single_layer_model(Sigmoid(), (4,), dtype=np.float32)
     with warnings.catch_warnings():

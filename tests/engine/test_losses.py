@@ -99,6 +99,24 @@ def test_slices_scaled_by_the_global_batch_give_the_global_mean_gradient():
         np.testing.assert_allclose(np.concatenate(parts), expected, rtol=1e-14, err_msg=name)
 
 
+def test_softmax_cross_entropy_is_the_same_for_row_and_column_major_logits():
+    """Linear writes logits column-major and the loss's buffers follow their order: the loss, the
+    gradient and the accuracy count are those of the row-major logits, bit for bit."""
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((37, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 37)
+    loss_c, loss_f = SoftmaxCrossEntropy(), SoftmaxCrossEntropy()
+    value_c = float(loss_c.forward(logits, labels))
+    grad_c = loss_c.backward(1 / 37).copy()
+    fortran = np.asfortranarray(logits)
+    value_f = float(loss_f.forward(fortran, labels))
+    grad_f = loss_f.backward(1 / 37)
+    assert grad_f.flags.f_contiguous
+    assert value_f == pytest.approx(value_c, rel=1e-6)
+    np.testing.assert_allclose(grad_f, grad_c, rtol=1e-6, atol=1e-9)
+    assert int(loss_f.correct(fortran, labels)) == int(loss_c.correct(logits, labels))
+
+
 def test_correct_counts_argmax_hits():
     logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], np.float32)
     assert int(SoftmaxCrossEntropy().correct(logits, np.array([1, 1, 1]))) == 2

@@ -97,6 +97,25 @@ def test_float32_step_leaves_grad_alone_and_updates_in_place(name):
     assert all(np.shares_memory(v, params.data) for v in params.params.values())
 
 
+def test_axpby_remembers_addresses_only_of_the_arrays_it_was_given():
+    """blas.axpby caches data addresses by array identity: a new array (even a view of the same
+    memory, or one that reuses a freed array's id) gets its own, and the results are a*x + b*y."""
+    from ddtrain.engine import blas
+    rng = np.random.default_rng(0)
+    scratch = np.empty(1000, np.float32)
+    for _ in range(3 * blas._MAX_ADDRESSES):  # more arrays than the cache holds
+        x, y = rng.standard_normal((2, 1000)).astype(np.float32)
+        expected = np.float32(2.0) * x + np.float32(0.5) * y
+        blas.axpby(2.0, x, 0.5, y, scratch=scratch)
+        np.testing.assert_allclose(y, expected, rtol=1e-6)
+    base = rng.standard_normal(2000).astype(np.float32)
+    for lo in (0, 1000):  # views at different offsets into one buffer
+        view, x = base[lo:lo + 1000], np.ones(1000, np.float32)
+        expected = view + x
+        blas.axpby(1.0, x, 1.0, view, scratch=scratch)
+        np.testing.assert_allclose(base[lo:lo + 1000], expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name, hyper", [("sgd", {"momentum": 0.9}), ("adam", {}), ("adamw", {})])
 def test_resume_from_state_dict_continues_bit_for_bit(name, hyper):
     grads = grad_sequence(flat_params().size, 5)

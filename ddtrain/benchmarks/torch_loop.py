@@ -1,6 +1,6 @@
 """The PyTorch training loop ddtrain is measured against (see loop_common.py).
 
-usage: python benchmarks/torch_loop.py --batch 64 --samples 60000 --weights init.npz [--device cuda]
+usage: python -m ddtrain.benchmarks.torch_loop --batch 64 --samples 60000 --weights init.npz [--device cuda]
 
 What a PyTorch user writes for this model: torch.nn.Sequential, F.cross_entropy,
 torch.optim.SGD(momentum=0.9) with its defaults, zero_grad() each step, on one thread
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loop_common import BASE_LR, MOMENTUM, Clock, LossCheck, cosine_lr, load_data, parser, report, steps_of
+from ddtrain.benchmarks.loop_common import (BASE_LR, MOMENTUM, Clock, LossCheck, cosine_lr, load_data, parser,
+                                           report, steps_of)
 
 
 def main() -> None:

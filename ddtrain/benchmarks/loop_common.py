@@ -42,7 +42,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def load_data(data_dir: str | None, samples: int):
     """(train_x uint8 (samples, 784), train_y int64 (samples,), mean, std, perm int64 (samples,))."""
-    from ddtrain.data.datasets import load_dataset
+    from ddtrain.data.registry import load_dataset
     from ddtrain.data.order import epoch_permutation
 
     ds = load_dataset("fashion-mnist", data_dir, train_samples=samples)

@@ -1,8 +1,8 @@
 """Where one ddtrain training step spends its time: matrix products, element-wise work, the
 optimizer, the data, communication, and Python glue.
 
-usage: python benchmarks/profile_step.py --batch 64 [--samples 12800] [--threads 1]
-       mpiexec -n 2 python benchmarks/profile_step.py --batch 128 ...   (global batch; one node:
+usage: python -m ddtrain.benchmarks.profile_step --batch 64 [--samples 12800] [--threads 1]
+       mpiexec -n 2 python -m ddtrain.benchmarks.profile_step --batch 128 ...   (global batch; one node:
        the shared-memory step, add --set dist.shared_memory=false for the MPI allreduce)
 
 It runs the real `Trainer.fit()` of the mlp config (evaluation and checkpoints switched off)
@@ -10,16 +10,18 @@ with three kinds of probes, all outside ddtrain's code:
   * the backend's array module is a proxy that times every ``xp.<function>`` call: matmul
     is "matmul", every other call is "element-wise" (ufuncs, reductions, take, and the
     trainer's finite check ``xp.dot(g, g)``);
-  * the trainer's `_batch` ("data"), the optimizer's `step` ("optimizer") and the reducer's
-    `grads_ready`/`finish` plus the communicator's Allreduce ("communication") are wrapped
-    (with the shared-memory step: NodeShards' reduce and publish, sync waits included);
-    xp calls inside them count for them, not for matmul/element-wise;
+  * the trainer's `_batch` ("data"), the optimizer's `step` ("optimizer") and the gradient
+    sync's `on_grads_ready`, `part_done`, `synchronize` and `after_update` plus the
+    communicator's Allreduce ("communication": with the shared-memory sync, its sum over the
+    node's slots and its node syncs, waits included) are wrapped; xp calls inside them count
+    for them, not for matmul/element-wise (the sync's non-finite check is communication);
   * "python" is what is left of the wall time: interpreter work, array methods called on
     arrays (``a.sum()``, fancy indexing), minus the proxy's own measured cost per call.
 Steady state only: the window runs from the start of the second step to the start of the
 last. Finally `tracemalloc` (which numpy reports its buffers to) measures the bytes of
 temporaries allocated during two steady-state steps.
-Rank 0 prints one JSON line with milliseconds per step.
+Rank 0 prints one JSON line with milliseconds per step, and "by_call": the milliseconds per
+step of each xp function (matmul includes Linear's bias-gradient gemv, ones @ dy).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> None:
 
     state = {"on": False, "cat": None}
     ms = dict.fromkeys(("matmul", "element-wise", "data", "optimizer", "communication"), 0.0)
+    by_call: dict[str, float] = {}
     calls = [0]
 
     class TimedNumpy(types.ModuleType):
@@ -72,7 +75,9 @@ def main() -> None:
                     return f(*a, **k)
                 t = time.perf_counter()
                 r = f(*a, **k)
-                ms[kind] += time.perf_counter() - t
+                dt = time.perf_counter() - t
+                ms[kind] += dt
+                by_call[name] = by_call.get(name, 0.0) + dt
                 calls[0] += 1
                 return r
             setattr(self, name, timed)
@@ -103,12 +108,10 @@ def main() -> None:
     trainer.save = lambda: None
     trainer.agree()
     trainer.optimizer.step = category("optimizer", trainer.optimizer.step)
-    if trainer.shards is not None:  # the shared-memory step: its sum and syncs are the communication
-        trainer.shards.reduce = category("communication", trainer.shards.reduce)
-        trainer.shards.publish = category("communication", trainer.shards.publish)
-    else:
-        trainer.reducer.grads_ready = category("communication", trainer.reducer.grads_ready)
-        trainer.reducer.finish = category("communication", trainer.reducer.finish)
+    sync = trainer.sync
+    for name in ("on_grads_ready", "part_done", "synchronize", "after_update"):
+        if getattr(sync, name, None) is not None:
+            setattr(sync, name, category("communication", getattr(sync, name)))
     trainer._batch = category("data", trainer._batch)
     comm.Allreduce = category("communication", comm.Allreduce)
 
@@ -116,12 +119,13 @@ def main() -> None:
     window = {}
     train_step = trainer.train_step
 
-    def probed_step(perm, timer):
+    def probed_step(perm):
         k = trainer.cursor.step
         now = time.perf_counter()
         if k == 1:
             for key in ms:
                 ms[key] = 0.0
+            by_call.clear()
             calls[0] = 0
             state["on"] = True
             window["start"] = now
@@ -132,7 +136,7 @@ def main() -> None:
         elif k == last:
             window["temporaries"] = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
-        return train_step(perm, timer)
+        return train_step(perm)
 
     trainer.train_step = probed_step
     try:
@@ -151,7 +155,9 @@ def main() -> None:
                           "xp_calls_per_step": calls[0] / steps,
                           "proxy_overhead_us_per_call": 1e6 * overhead,
                           "temporaries_kb_per_2_steps": window.get("temporaries", 0) / 1024,
-                          "samples_per_second": B * steps / wall}), flush=True)
+                          "samples_per_second": B * steps / wall,
+                          "by_call": {k: 1e3 * v / steps for k, v in sorted(by_call.items(), key=lambda kv: -kv[1])}}),
+              flush=True)
 
 
 def proxy_overhead(np, n: int = 20000) -> float:

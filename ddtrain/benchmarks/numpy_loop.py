@@ -1,7 +1,7 @@
 """The hand-written numpy training loop ddtrain is measured against (see loop_common.py).
 
-usage: python benchmarks/numpy_loop.py --batch 64 --samples 60000 --weights init.npz [--reuse]
-       mpiexec -n 2 python benchmarks/numpy_loop.py ... --reuse --mpi   (bare data parallel)
+usage: python -m ddtrain.benchmarks.numpy_loop --batch 64 --samples 60000 --weights init.npz [--reuse]
+       mpiexec -n 2 python -m ddtrain.benchmarks.numpy_loop ... --reuse --mpi   (bare data parallel)
 
 plain (default): the math as one writes it first, a new array for every intermediate.
 --reuse: the same math into buffers allocated once (``out=``), parameters, gradients and
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from loop_common import (MOMENTUM, Clock, LossCheck, cosine_lr, load_data, parser, peak_rss_mb, report,
-                         steps_of)
+from ddtrain.benchmarks.loop_common import (MOMENTUM, Clock, LossCheck, cosine_lr, load_data, parser,
+                                           peak_rss_mb, report, steps_of)
 
 NAMES = ("1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias")
 

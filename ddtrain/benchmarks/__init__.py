@@ -1,0 +1,12 @@
+"""The scripts `ddtrain bench` runs, one process each, installed with the package.
+
+Each is a module run as ``python -m ddtrain.benchmarks.NAME`` and prints one JSON line:
+  numpy_loop    the hand-written numpy training loop (plain, buffers reused, bare mpi4py)
+  torch_loop    the PyTorch loop (CPU, or CUDA for the gpu section)
+  loop_common   what the two loops share, so they do exactly ddtrain's work
+  products      the products-only limit: the step's 8 matrix products alone
+  profile_step  one ddtrain step split into matmul, element-wise, optimizer, data,
+                communication and Python
+  allreduce     the gradient reduction against a bare mpi4py Allreduce (2 ranks)
+  mpich_algorithms  MPICH's allreduce algorithms on the same buffer (2 ranks, one node)
+"""

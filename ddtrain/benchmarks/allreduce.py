@@ -1,0 +1,113 @@
+"""ddtrain's gradient sync against a bare mpi4py Allreduce of the same bytes, and a memcpy.
+
+usage: mpiexec -n 2 python -m ddtrain.benchmarks.allreduce [--repeats 200] [--config mlp]
+
+The buffer is the config's flat gradient (mlp: 669,706 float32, 2.68 MB) as the allreduce sync
+sends it (with its two-float header of step flags). The methods run interleaved, each after a
+Barrier, so each sees the caches the others leave (as in training); a call's time is the
+slowest rank's. Rank 0 prints one JSON line: the median microseconds of
+  memcpy            np.copyto of the buffer into another (the physical unit of the reduction)
+  bare_allreduce    MPI.COMM_WORLD.Allreduce(IN_PLACE, buf, SUM): what mpi4py gives anyone
+  bare_iallreduce   Iallreduce + Wait of the whole buffer
+  ddtrain_blocking  MPIAllreduce.synchronize() as the allreduce path trains by default
+                    (dist.overlap=false): the non-finite check and one MPI_Allreduce
+  ddtrain_overlap   MPIAllreduce with dist.overlap=true: on_grads_ready(offset) for each layer,
+                    last first (bucketed Iallreduce), then synchronize()
+  shared_memory     NodeSharedMemory.synchronize() + after_update() (the default on one node:
+                    each rank sums its part of the node's gradient slots), when every rank is on
+                    one node
+The communicator is MPICommunicator as training builds it (watchdog thread included), and
+ddtrain.parallel.mpi is imported before MPI starts, as in training, so MPICH runs with
+ddtrain's defaults (ddtrain.parallel.mpich_defaults; the environment's own settings win) for
+the bare calls too: the JSON's "mpich" lists the MPIR_CVAR_ variables in effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import os
+
+import numpy as np
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--config", default="mlp")
+    args = p.parse_args()
+
+    from ddtrain.config import load_config
+    from ddtrain.data.registry import input_shape
+    from ddtrain.engine.model import build_model
+    from ddtrain.parallel.mpi import MPICommunicator  # before mpi4py.MPI: MPICH's defaults apply
+    from ddtrain.parallel.sync import MPIAllreduce, NodeSharedMemory, StepFlags
+    from mpi4py import MPI
+
+    cfg = load_config(args.config)
+    comm = MPICommunicator()
+    world = MPI.COMM_WORLD
+
+    def model():
+        return build_model(cfg.model.layers, input_shape(cfg.data.dataset), seed=0)
+
+    blocking = MPIAllreduce(comm, model(), overlap=False)
+    overlap_model = model()
+    overlap = MPIAllreduce(comm, overlap_model, overlap=True, bucket_mb=cfg.dist.bucket_mb)
+    firsts: dict[str, int] = {}  # layer index -> its first flat index, as Sequential.backward reports
+    for slot in overlap_model.params.slots:
+        firsts.setdefault(slot.name.split(".")[0], slot.start)
+    layer_starts = sorted(firsts.values(), reverse=True)
+    wire = blocking.wire
+    bare = np.zeros_like(wire)
+    src, dst = np.ones_like(wire), np.empty_like(wire)
+    flags = StepFlags()
+
+    def overlapped():
+        for offset in layer_starts:
+            overlap.on_grads_ready(offset)
+        overlap.synchronize(flags)
+
+    methods = {
+        "memcpy": lambda: np.copyto(dst, src),
+        "bare_allreduce": lambda: world.Allreduce(MPI.IN_PLACE, bare, op=MPI.SUM),
+        "bare_iallreduce": lambda: world.Iallreduce(MPI.IN_PLACE, bare, op=MPI.SUM).Wait(),
+        "ddtrain_blocking": lambda: blocking.synchronize(flags),
+        "ddtrain_overlap": overlapped,
+    }
+    grads = [bare, blocking.params.grad, overlap.params.grad]
+    if comm.local_size == comm.size:
+        shared = NodeSharedMemory(comm, model())
+
+        def shared_step():
+            shared.synchronize(flags)
+            shared.after_update()
+        methods["shared_memory"] = shared_step
+        grads.append(shared.full.grad)
+
+    times = {name: [] for name in methods}
+    for i in range(args.repeats + 5):
+        for name, fn in methods.items():
+            for g in grads:  # stays finite and small however often it is summed
+                g.fill(1.0 / comm.size)
+            world.Barrier()
+            t0 = time.perf_counter()
+            fn()
+            if i >= 5:  # the first calls build windows and buckets
+                times[name].append(time.perf_counter() - t0)
+    slowest = {name: [max(v) for v in zip(*world.allgather(t))] for name, t in times.items()}
+    if comm.rank == 0:
+        med = {name: 1e6 * statistics.median(v) for name, v in slowest.items()}
+        print(json.dumps({"ranks": comm.size, "floats": int(wire.size), "bytes": int(wire.nbytes),
+                          "repeats": args.repeats, "median_us": med,
+                          "p90_us": {n: 1e6 * statistics.quantiles(v, n=10)[-1] for n, v in slowest.items()},
+                          "bucket_mb": cfg.dist.bucket_mb, "buckets": len(overlap.buckets),
+                          "mpich": {k: v for k, v in os.environ.items() if k.startswith("MPIR_CVAR_")}}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
