@@ -8,6 +8,8 @@ then run `docker compose up` (or docker-compose, v1) as a user would:
 * a short training run across node1..node3 gives, step by step, the losses of
   a single-process run of the same config on the host (relative 1e-5): data
   parallelism over real containers and real TCP changes nothing but speed;
+* the narrow BatchNorm CNN with random crops and flips trains across the three
+  nodes with the single-process losses too (statistics of the global batch);
 * 2 ranks on each of node1 and node2 take the hierarchical path (one parameter
   copy per node in shared memory, parts allreduced between the nodes), with
   the same losses and identical weights on all 4 ranks; 2 ranks on node1 and
@@ -141,6 +143,33 @@ def test_three_node_training_matches_single_process(cluster, data_dir, tmp_path,
     placement = re.search(r"ranks: 0@node1 1@node2 2@node3", log)
     assert placement, log[-6000:]
     timings["placement"] = placement.group(0)
+    got_steps, got = step_losses(metrics)
+    assert got_steps == want_steps
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+
+
+# The narrow BatchNorm CNN with crops and flips: 10 steps of 64 images (22/21/21 per rank).
+CNN_ARGS = ["--config", "cnn-small", "--train-samples", "640", "--batch-size", "64", "--seed", "7", "--epochs", "1",
+            "--set", "data.crop_pad=2", "--set", "data.hflip=true", "--set", "train.log_every=1"]
+
+
+def test_batchnorm_cnn_across_three_nodes_matches_single_process(cluster, data_dir, tmp_path, timings):
+    """BatchNorm's statistics are summed over the containers and each image's crop and flip
+    depend only on its index: the CNN trains across three nodes as in one process."""
+    single = tmp_path / "single"
+    run([sys.executable, "-m", "ddtrain", "train", *CNN_ARGS, "--run-dir", str(single), "--data-dir", str(data_dir)],
+        timeout=300)
+    want_steps, want = step_losses((single / "metrics.jsonl").read_text())
+    assert len(want_steps) == 10, want_steps
+    t0 = time.monotonic()
+    up = cluster.compose("up", "--no-build", "--no-color", "--exit-code-from", "node1", timeout=600, check=False,
+                         env={"DDTRAIN_TRAIN_ARGS": " ".join(CNN_ARGS), "DDTRAIN_RUN": "cnn"})
+    timings["cluster start + 3-rank BatchNorm CNN training"] = time.monotonic() - t0
+    log = up.stdout + up.stderr
+    assert up.returncode == 0, f"docker-compose up exited with {up.returncode}:\n{log[-6000:]}"
+    metrics = cluster.one_off("cat", "/runs/cnn/metrics.jsonl").stdout
+    start = json.loads(metrics.splitlines()[0])
+    assert start["world_size"] == 3 and start["hosts"] == list(NODES), start
     got_steps, got = step_losses(metrics)
     assert got_steps == want_steps
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
