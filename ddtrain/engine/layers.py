@@ -246,19 +246,25 @@ class ReLU(Layer):
     NaN-checking maximum() took 67, and backward is then one float multiply (17 us) instead of
     greater() into a bool mask and a bool-to-float multiply (44). backward writes dx over y:
     by then every layer after this one has run its backward, so nothing reads y any more.
+    inplace (torch's nn.ReLU(inplace=True)): y is written over x, one (N, features) buffer
+    fewer in the step (-1.5% a step at batch 256, paired); only where nothing reads x after
+    this forward: Sequential sets it for a ReLU right after a Linear, which keeps no output.
     The same as max(x, 0) for every x but -inf, which gives NaN (-inf * 0) instead of 0: only an
     overflow makes -inf, and the NaN then reaches the non-finite check; NaN stays NaN.
     Measured without a gain, so not done: the mask as an integer compare and AND on the bit
     patterns; max(x, 0) as an int32 maximum on the bits (it maps NaNs with the sign bit set,
-    the ones x86 makes, to 0, hiding them from the non-finite check); y written over x (x
-    belongs to the caller).
+    the ones x86 makes, to 0, hiding them from the non-finite check).
     """
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = bool(inplace)
 
     def forward(self, x, train):
         xp = self.xp
         mask = self._like("mask", x)
         xp.greater(x, 0, out=mask)  # 1.0 where x > 0, else 0.0
-        y = self._like("y", x)
+        y = x if self.inplace else self._like("y", x)
         xp.multiply(x, mask, out=y)
         self._mask, self._y = mask, y
         return y

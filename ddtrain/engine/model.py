@@ -43,6 +43,9 @@ class Sequential:
         if init not in INIT_SCHEMES:
             raise ConfigError(_unknown("init scheme", init, INIT_SCHEMES))
         self.layers = list(layers)
+        for prev, layer in zip(self.layers, self.layers[1:]):  # Linear keeps no output: ReLU may overwrite it
+            if type(layer) is ReLU and type(prev) is Linear:
+                layer.inplace = True
         self.in_shape = tuple(int(s) for s in in_shape)
         self.backend = backend
         self.dtype = np.dtype(dtype)

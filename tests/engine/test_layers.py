@@ -128,6 +128,32 @@ def test_relu_matches_max_for_finite_nan_and_inf_and_masks_from_its_forward():
     assert dx is model.layers[0]._y  # the spent forward output holds dx: one buffer fewer
 
 
+def test_relu_after_linear_overwrites_the_linear_output_and_trains_the_same():
+    """Sequential makes a ReLU that follows a Linear in place (the Linear keeps no output): the
+    step's arithmetic is unchanged, bit for bit, against the same model with every ReLU on a
+    buffer of its own."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((16, 6)).astype(np.float32)
+    dy = rng.standard_normal((16, 3)).astype(np.float32)
+    outs = []
+    for inplace in (True, False):
+        model = Sequential([Linear(8), ReLU(), Linear(8), ReLU(), Linear(3)], (6,), dtype=np.float32, seed=4)
+        assert [l.inplace for l in model.layers if isinstance(l, ReLU)] == [True, True]
+        if not inplace:
+            for layer in model.layers:
+                if isinstance(layer, ReLU):
+                    layer.inplace = False
+        for _ in range(2):  # the second step reuses every buffer
+            y = model.forward(x, True).copy()
+            model.backward(dy)
+        if inplace:
+            assert model.layers[1]._y is model.layers[0]._buf("y", (16, 8), np.float32, order="F")
+        outs.append((y, model.params.grad.copy()))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    assert not ReLU().inplace  # on its own (gradient checks, other layers before it): its own buffer
+
+
 def test_linear_bias_gradient_is_the_batch_sum_for_every_batch_size():
     rng = np.random.default_rng(1)
     model = Sequential([Linear(7)], (5,), dtype=np.float64, input_grad=True)
