@@ -16,7 +16,8 @@ samples/s. The limit is what the model's FLOPs allow at this machine's measured 
 sgemm rate (a 2048^3 product): limit = sgemm FLOP/s / training FLOPs per sample, where training
 counts forward, the weight gradients and the input gradients backward needs (2 FLOPs per
 multiply-add). The per-layer profile is ddtrain's forward and backward time per layer, median
-over rounds, from a separate layer-by-layer step.
+over rounds, from a separate layer-by-layer step. The load average before and after is printed:
+on a shared machine every figure moves with it (the ratio much less, as rounds alternate).
 """
 
 from __future__ import annotations
@@ -236,12 +237,17 @@ def main() -> None:
     p.add_argument("--no-torch", action="store_true", help="ddtrain only (no torch installed)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    load_before = os.getloadavg()
     sgemm = sgemm_rate()
     results = [measure(m, args.rounds, args.steps, args.batch, not args.no_torch) for m in args.models.split(",")]
+    load_after = os.getloadavg()
     print(render(results, sgemm))
+    print(f"\nload average (1, 5, 15 min): before {', '.join(f'{v:.2f}' for v in load_before)}; "
+          f"after {', '.join(f'{v:.2f}' for v in load_after)} (on {os.cpu_count()} cores)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"sgemm_flops": sgemm, "results": results}, f, indent=1)
+            json.dump({"sgemm_flops": sgemm, "loadavg_before": load_before, "loadavg_after": load_after,
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def _prepare_run_dir(path: Path, resume: str | None, overwrite: bool) -> None:
 
 @main.command()
 @click.option("--config", "config", default="mlp", show_default=True,
-              help="A YAML config file, or a bundled one: mlp, quickstart, tanh, tiny.")
+              help="A YAML config file, or a bundled one: mlp, quickstart, tanh, tiny, cnn, cnn-small.")
 @click.option("--epochs", type=int, help="Epochs to train (train.epochs).")
 @click.option("--batch-size", type=int, help="GLOBAL batch size, whatever the number of ranks.")
 @click.option("--lr", type=float, help="Base learning rate (optimizer.lr).")

@@ -260,7 +260,7 @@ def bundled_configs() -> dict[str, Path]:
 
 
 def config_path(name_or_path: str) -> Path:
-    """A config file: an existing path, or the name of a bundled config (mlp, quickstart, tanh, tiny)."""
+    """A config file: an existing path, or a bundled config's name (mlp, quickstart, tanh, tiny, cnn, cnn-small)."""
     p = Path(name_or_path)
     if p.exists():
         return p

@@ -75,10 +75,12 @@ def test_batchnorm_in_eval_mode_has_the_affine_gradient():
 
 
 # A bias right before a BatchNorm has gradient 0 (the mean removes it): those convolutions have none.
-CNN = [{"type": "conv2d", "out": 4, "kernel": 3, "padding": 1, "bias": False}, {"type": "batchnorm2d"}, {"type": "relu"},
+CNN = [{"type": "conv2d", "out": 4, "kernel": 3, "padding": 1, "bias": False}, {"type": "batchnorm2d"},
+       {"type": "relu"},
        {"type": "maxpool2d", "kernel": 2}, {"type": "conv2d", "out": 6, "kernel": 3, "stride": 2},
        {"type": "relu"}, {"type": "avgpool2d", "kernel": 2, "stride": 1}, {"type": "flatten"},
-       {"type": "linear", "out": 8, "bias": False}, {"type": "batchnorm1d"}, {"type": "relu"}, {"type": "dropout", "p": 0.3},
+       {"type": "linear", "out": 8, "bias": False}, {"type": "batchnorm1d"}, {"type": "relu"},
+       {"type": "dropout", "p": 0.3},
        {"type": "linear", "out": 5}]
 
 
@@ -365,7 +367,8 @@ def test_conv_layer_specs_build_and_bad_ones_say_why():
     assert model.shapes[:4] == [(8, 28, 28), (8, 28, 28), (8, 28, 28), (8, 14, 14)]
     assert model.params.names[:4] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert list(model.buffers) == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
-    assert model.buffers["1.num_batches_tracked"].dtype == np.int64 and model.buffers["1.num_batches_tracked"].shape == ()
+    tracked = model.buffers["1.num_batches_tracked"]
+    assert tracked.dtype == np.int64 and tracked.shape == ()
     with pytest.raises(ConfigError, match=r"layer 0 \(conv2d\): missing key 'kernel'"):
         build_model([{"type": "conv2d", "out": 4}], (1, 28, 28))
     with pytest.raises(ConfigError, match=r"layer 0 \(conv2d\): 'padding' must be an integer >= 0"):

@@ -64,7 +64,7 @@ def test_bad_config_files_give_one_line_errors(tmp_path, text, message):
 
 
 def test_unknown_config_name_lists_bundled():
-    with pytest.raises(ConfigError, match="one of mlp, quickstart, tanh, tiny.*did you mean 'mlp'"):
+    with pytest.raises(ConfigError, match="one of cnn, cnn-small, mlp, quickstart, tanh, tiny.*did you mean 'mlp'"):
         config_path("mpl")
 
 
