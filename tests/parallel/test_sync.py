@@ -125,7 +125,7 @@ def test_fixed_point_nonfinite_gradient_is_flagged():
 def test_one_process_leaves_the_gradient_and_checks_it():
     model = build_model([{"type": "linear", "out": 3}], (5,))
     sync = make_sync(load_config("tiny").dist, SingleProcess(), model)
-    assert isinstance(sync, OneProcess) and sync.on_grads_ready is None and not sync.weights_can_differ
+    assert isinstance(sync, OneProcess) and not sync.weights_can_differ
     model.params.grad[...] = 0.25
     assert sync.synchronize(StepFlags(stop=2)) == StepFlags(stop=2, nonfinite=0)
     assert (model.params.grad == 0.25).all() and sync.label == "none (one process)" and not sync.calls
@@ -149,3 +149,19 @@ def test_bucket_size_must_be_positive():
     from ddtrain.parallel.sync import MPIAllreduce
     with pytest.raises(ValueError, match="bucket_mb"):
         MPIAllreduce(SingleProcess(), build_model([{"type": "linear", "out": 3}], (5,)), overlap=True, bucket_mb=0)
+
+
+def test_the_non_finite_check_covers_reported_and_unreported_layers():
+    """Backward's reports check each layer's gradient while it is in cache; the sync point checks
+    whatever was not reported; the next step starts clean."""
+    model = build_model([{"type": "flatten"}, {"type": "linear", "out": 4}, {"type": "relu"},
+                         {"type": "linear", "out": 3}], (1, 2, 3))
+    sync = make_sync(load_config("tiny").dist, SingleProcess(), model)
+    last = model._first_offset[3]  # the last layer's first index
+    for where, reported in ((0, [last]), (last + 1, [last]), (0, [last, 0]), (None, [last, 0]), (None, [])):
+        model.params.grad[...] = 0.5
+        if where is not None:
+            model.params.grad[where] = np.inf
+        for offset in reported:
+            sync.on_grads_ready(offset)
+        assert sync.synchronize(StepFlags()).nonfinite == (where is not None), (where, reported)

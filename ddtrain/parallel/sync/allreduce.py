@@ -102,7 +102,7 @@ class MPIAllreduce(SyncBase):
     def synchronize(self, flags: StepFlags) -> StepFlags:
         h = self.header
         if not self.overlap:
-            h[0], h[1] = flags.stop, nonfinite(self.xp, self.params.grad)
+            h[0], h[1] = flags.stop, self.local_nonfinite()
             self.comm.Allreduce(self.wire)
             self.calls["Allreduce"] += 1
         else:

@@ -14,8 +14,9 @@ As in Horovod's DistributedOptimizer, `synchronize()` is the one point where thi
 `sync.params.grad` holds the global mean gradient and every rank knows the same `StepFlags`:
 clipping or a skip decision fits between it and the update. Each rank checks its own gradient
 for non-finite values *before* the sum (a sum is non-finite iff one of its terms is, barring
-overflow), and the flags travel in the collective that sums the gradients, so agreeing on them
-costs no extra call.
+overflow): layer by layer as backward reports them (`on_grads_ready`), while each layer's
+gradient is still in cache, and whatever backward did not report at the sync point. The flags
+travel in the collective that sums the gradients, so agreeing on them costs no extra call.
 
 Every implementation also owns: where the model's buffers live (shared memory moves them),
 the start-up broadcast of rank 0's parameters and buffers, optimizer-state gather/scatter for
@@ -98,7 +99,6 @@ class SyncBase:
     statistics, rank 0's state broadcast with Bcast. Subclasses define `synchronize` and `label`."""
 
     label = "?"
-    on_grads_ready = None
 
     def __init__(self, comm, model):
         self.comm, self.model = comm, model
@@ -107,6 +107,23 @@ class SyncBase:
         self.params = flat.part(0, flat.size)
         self.weights_can_differ = comm.size > 1
         self.calls: Counter = Counter()
+        self.on_grads_ready = self._check_ready
+        self._unchecked = flat.size  # grad[_unchecked:] is checked this step
+        self._bad = 0
+
+    # -- the local non-finite check ---------------------------------------------------
+    def _check_ready(self, offset: int) -> None:
+        """Backward finished grad[offset:]: check the part not checked yet (it is in cache now)."""
+        if offset < self._unchecked:
+            self._bad |= nonfinite(self.xp, self.model.params.grad[offset:self._unchecked])
+            self._unchecked = offset
+
+    def local_nonfinite(self) -> int:
+        """1 if this rank's own gradient of this step is non-finite (checks what backward did not
+        report); resets the check for the next step."""
+        self._check_ready(0)
+        bad, self._bad, self._unchecked = self._bad, 0, self.model.params.size
+        return bad
 
     # -- start-up ---------------------------------------------------------------------
     def broadcast_initial_state(self) -> None:

@@ -99,6 +99,7 @@ class FixedPointAllreduce(SyncBase):
         self._acc = None
         self._stats: dict = defaultdict(list)  # key -> [(offset, sums)] of my micro-shards
         self._on_global: dict = {}  # key -> the layer's running-statistics update (kept)
+        self.on_grads_ready = None  # each micro-shard's gradient is checked whole in part_done
 
     def batch_parts(self, global_batch: int) -> list[tuple[int, int]]:
         shards = micro_shards(global_batch, self.n_shards)

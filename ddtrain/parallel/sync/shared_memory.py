@@ -36,7 +36,7 @@ a node sync, where the watchdog's deadline names it.
 from __future__ import annotations
 
 from ddtrain.parallel.node import part_bounds
-from ddtrain.parallel.sync.base import StepFlags, SyncBase, nonfinite
+from ddtrain.parallel.sync.base import StepFlags, SyncBase
 
 N_FLAGS = 2  # StepFlags' fields, in order
 
@@ -76,7 +76,7 @@ class NodeSharedMemory(SyncBase):
     def synchronize(self, flags: StepFlags) -> StepFlags:
         node, r = self.node, self.node.local_rank
         # My own slot is non-finite iff my share makes the sum so: check it before summing.
-        self._flags[r] = flags.stop, nonfinite(self.xp, self.full.grad)
+        self._flags[r] = flags.stop, self.local_nonfinite()
         node.node_sync()
         self.calls["node_sync"] += 1
         agreed = self._flags.sum(axis=0)

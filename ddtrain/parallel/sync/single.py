@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ddtrain.engine.context import local_sums
-from ddtrain.parallel.sync.base import StepFlags, SyncBase, nonfinite
+from ddtrain.parallel.sync.base import StepFlags, SyncBase
 
 
 class OneProcess(SyncBase):
@@ -26,4 +26,4 @@ class OneProcess(SyncBase):
         return local_sums(key, local, on_global)
 
     def synchronize(self, flags: StepFlags) -> StepFlags:
-        return StepFlags(stop=flags.stop, nonfinite=nonfinite(self.xp, self.params.grad))
+        return StepFlags(stop=flags.stop, nonfinite=self.local_nonfinite())
