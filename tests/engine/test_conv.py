@@ -416,3 +416,18 @@ def test_cnn_configs_build_and_summary_prints_their_flops(name):
     assert result.exit_code == 0, result.output
     assert "Conv2d(1 -> " in result.output
     assert f"{sum(model.flops()) / 1e6:.2f} MFLOPs per sample forward" in result.output
+
+
+@pytest.mark.parametrize("threads, first_chunk", [(1, (0, 5)), (2, (0, 83))])
+def test_conv_asks_openblas_its_threads_and_chunks_larger_with_several(threads, first_chunk):
+    """A fresh process with OPENBLAS_NUM_THREADS set: the library's own count, and the chunks it
+    gives conv2's GEMMs at batch 128 (rows of 196 positions, 288 columns)."""
+    import os
+    import subprocess
+    import sys
+    code = ("from ddtrain.engine.conv import Conv2d, blas_threads; "
+            "print(blas_threads(), Conv2d(64, 3, 1, 1)._chunks(128, 196, 288, 4)[0])")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(maxsplit=1) == [str(threads), f"{first_chunk}\n"]
