@@ -144,6 +144,8 @@ class Sequential:
     def layout_signature(self) -> str:
         """Parameter layout plus buffer names and shapes: equal on ranks that built the same model."""
         import hashlib
+        if not self.buffers:
+            return self.params.layout_signature()
         extra = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in self.buffers.items())
         return hashlib.sha256((self.params.layout_signature() + extra).encode()).hexdigest()[:16]
 

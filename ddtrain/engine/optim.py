@@ -12,7 +12,6 @@ bit for bit. The learning rate comes from the schedule at every step.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 
@@ -20,6 +19,8 @@ import numpy as np
 
 from ddtrain.engine.blas import axpby
 from ddtrain.engine.params import FlatParams
+from ddtrain.choices import registry, unknown
+from ddtrain import choices
 from ddtrain.errors import CheckpointError, ConfigError
 
 
@@ -181,7 +182,7 @@ class AdamW(Adam):
         super().__init__(params, betas, eps, weight_decay)
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+OPTIMIZERS = registry(choices.OPTIMIZERS, {"sgd": SGD, "adam": Adam, "adamw": AdamW})
 
 
 def make_optimizer(name: str, params: FlatParams, **hyper) -> Optimizer:
@@ -190,14 +191,10 @@ def make_optimizer(name: str, params: FlatParams, **hyper) -> Optimizer:
     ConfigError for an unknown name or hyperparameter, with a suggestion and the valid ones.
     """
     if name not in OPTIMIZERS:
-        close = difflib.get_close_matches(str(name), OPTIMIZERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown optimizer {name!r}{hint}; valid: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(unknown("optimizer", name, OPTIMIZERS))
     cls = OPTIMIZERS[name]
     valid = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "params")]
     for key in hyper:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown {name} option {key!r}{hint}; valid: {', '.join(valid)}")
+            raise ConfigError(unknown(f"{name} option", key, valid))
     return cls(params, **hyper)

@@ -136,7 +136,7 @@ def test_steady_state_training_step_does_not_allocate_big_arrays():
 
 
 def test_a_tanh_network_learns_with_mse():
-    """Seed 000's recipe: tanh units regressed onto one-hot targets; the loss must drop."""
+    """The single-layer tanh network's recipe: tanh units regressed onto one-hot targets; the loss must drop."""
     rng = np.random.default_rng(0)
     centers = 3 * rng.standard_normal((3, 6))
     labels = rng.integers(0, 3, 60)
