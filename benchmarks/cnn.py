@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import os
 
+from ddtrain.parallel.threads import THREAD_VARS  # imports no numpy
+
 if __name__ == "__main__":  # one thread, before numpy and torch load their BLAS (not when imported)
-    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for _var in THREAD_VARS:
         os.environ[_var] = "1"
 
 import argparse  # noqa: E402
