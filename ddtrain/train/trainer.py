@@ -218,6 +218,7 @@ class Trainer:
         for a, b in self.sync.batch_parts(B):
             self.model.set_batch_context(self.sync.context(cfg.train.seed, c.step, a, B))
             x, y = self._batch(batch[a:b])
+            self.faults.batch(c.step, x)  # a drill's NaN (nothing without --chaos)
             t1 = time.perf_counter()
             logits = self.model.forward(x, train=True)
             loss_sum += self.loss.forward(logits, y)
@@ -294,9 +295,10 @@ class Trainer:
                     self.faults.after_backward(step, self.params)
                     flags = self.synchronize_and_update(step, signals.requested)
                     self.step_log.timer.steps += 1
-                    self.epoch_sums[0] += result.loss_sum
-                    self.epoch_sums[1] += result.correct
-                    self.epoch_sums[2] += result.samples
+                    if not flags.nonfinite:  # a skipped step does not count in the epoch's figures
+                        self.epoch_sums[0] += result.loss_sum
+                        self.epoch_sums[1] += result.correct
+                        self.epoch_sums[2] += result.samples
                     batch_len = min(B, self.n_train - self.cursor.step_in_epoch * B)
                     self.cursor.step += 1
                     self.cursor.step_in_epoch += 1
