@@ -22,7 +22,7 @@ from tests.reliability.conftest import (BASE, LONG_EPOCHS, assert_same_losses, o
 
 pytestmark = pytest.mark.mpi  # every test here runs a job under mpiexec
 
-DEADLINE = 30.0  # seconds in which a fault must end the job (issue 3)
+DEADLINE = 30.0  # seconds in which a fault must end the job (the promise: no hangs)
 
 
 def assert_ended_cleanly(run, marker: str) -> None:
