@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from ddtrain.engine.layers import INIT_SCHEMES, Layer, memory_order
+from ddtrain.engine.layers import Layer, init_weight_and_bias, memory_order
 
 CHANNELS_LAST = "NHWC"  # a BufferPool order: an (N, H, W, C) buffer seen as (N, C, H, W)
 
@@ -201,23 +201,7 @@ class Conv2d(_Spatial):
 
     def init_params(self, rng, scheme):
         k2 = self.k * self.k
-        fan_in, fan_out = self.in_channels * k2, self.out_channels * k2
-        if scheme == "pytorch":  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)), bias likewise
-            bound = 1.0 / math.sqrt(fan_in)
-            w = rng.uniform(-bound, bound, self.W.shape)
-            b = rng.uniform(-bound, bound, (self.out_channels,)) if self.has_bias else None
-        elif scheme == "he":
-            w = rng.normal(0.0, math.sqrt(2.0 / fan_in), self.W.shape)
-            b = np.zeros(self.out_channels)
-        elif scheme == "xavier":
-            bound = math.sqrt(6.0 / (fan_in + fan_out))
-            w = rng.uniform(-bound, bound, self.W.shape)
-            b = np.zeros(self.out_channels)
-        else:
-            raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(INIT_SCHEMES)}")
-        self.W[...] = self.xp.asarray(w.astype(self.W.dtype))
-        if self.has_bias:
-            self.b[...] = self.xp.asarray(b.astype(self.b.dtype))
+        init_weight_and_bias(self, rng, scheme, fan_in=self.in_channels * k2, fan_out=self.out_channels * k2)
 
     def _chunks(self, n: int, rows_per_sample: int, cols: int, itemsize: int):
         """(start, stop) sample ranges: CHUNK_BYTES of im2col columns each, at least MIN_ROWS rows."""

@@ -145,6 +145,30 @@ class Layer:
         return self.describe()
 
 
+def init_weight_and_bias(layer, rng, scheme: str, fan_in: int, fan_out: int) -> None:
+    """Fill `layer.W` (and `layer.b` when `layer.has_bias`) as PyTorch's Linear and Conv2d do,
+    drawing from the host `rng`: "pytorch" is kaiming_uniform(a=sqrt(5)), which reduces to
+    U(-1/sqrt(fan_in), +1/sqrt(fan_in)), and PyTorch draws the bias from the same range;
+    "he" and "xavier" draw the weight only (bias zero). Bias shape: (W.shape[0],)."""
+    out = layer.W.shape[0]
+    if scheme == "pytorch":
+        bound = 1.0 / math.sqrt(fan_in)
+        w = rng.uniform(-bound, bound, layer.W.shape)
+        b = rng.uniform(-bound, bound, (out,)) if layer.has_bias else None
+    elif scheme == "he":
+        w = rng.normal(0.0, math.sqrt(2.0 / fan_in), layer.W.shape)
+        b = np.zeros(out)
+    elif scheme == "xavier":
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w = rng.uniform(-bound, bound, layer.W.shape)
+        b = np.zeros(out)
+    else:
+        raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(INIT_SCHEMES)}")
+    layer.W[...] = layer.xp.asarray(w.astype(layer.W.dtype))
+    if layer.has_bias:
+        layer.b[...] = layer.xp.asarray(b.astype(layer.b.dtype))
+
+
 class Linear(Layer):
     """y = x @ W.T + b, as torch.nn.Linear (W stored (out, in), names "weight", "bias").
 
@@ -189,25 +213,7 @@ class Linear(Layer):
         self.in_features = self.W.shape[1]
 
     def init_params(self, rng, scheme):
-        fan_in, fan_out = self.in_features, self.out_features
-        if scheme == "pytorch":
-            # kaiming_uniform(a=sqrt(5)) reduces to U(-1/sqrt(fan_in), +1/sqrt(fan_in)),
-            # and PyTorch draws the bias from the same range.
-            bound = 1.0 / math.sqrt(fan_in)
-            w = rng.uniform(-bound, bound, self.W.shape)
-            b = rng.uniform(-bound, bound, (fan_out,)) if self.has_bias else None
-        elif scheme == "he":
-            w = rng.normal(0.0, math.sqrt(2.0 / fan_in), self.W.shape)
-            b = np.zeros(fan_out)
-        elif scheme == "xavier":
-            bound = math.sqrt(6.0 / (fan_in + fan_out))
-            w = rng.uniform(-bound, bound, self.W.shape)
-            b = np.zeros(fan_out)
-        else:
-            raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(INIT_SCHEMES)}")
-        self.W[...] = self.xp.asarray(w.astype(self.W.dtype))
-        if self.has_bias:
-            self.b[...] = self.xp.asarray(b.astype(self.b.dtype))
+        init_weight_and_bias(self, rng, scheme, fan_in=self.in_features, fan_out=self.out_features)
 
     def forward(self, x, train):
         xp = self.xp

@@ -15,7 +15,7 @@ from ddtrain.engine.model import Sequential, build_model
 from ddtrain.engine.norm import BatchNorm1d, BatchNorm2d
 from ddtrain.engine.optim import make_optimizer
 from ddtrain.errors import ConfigError
-from tests.helpers import skip_or_fail
+from tests.helpers import require
 
 
 def chunked(layer):
@@ -92,10 +92,7 @@ def test_a_whole_cnn_has_correct_gradients():
 # -- PyTorch parity -------------------------------------------------------------------------
 
 def require_torch():
-    try:
-        import torch
-    except ImportError:
-        skip_or_fail("torch is not installed (pip install torch: the parity tests compare with it)")
+    torch = require("torch", "torch is not installed (pip install torch: the parity tests compare with it)")
     torch.set_num_threads(1)
     return torch
 
