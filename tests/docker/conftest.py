@@ -63,6 +63,17 @@ def compose_command() -> tuple[str, ...]:
     skip_or_fail("neither `docker compose` nor docker-compose is installed (launch/docker-setup.sh installs one)")
 
 
+def compose_down(compose, project: str) -> None:
+    """`compose down` with volumes and orphans, then fail naming any container, network or
+    volume of `project` that is still there. compose: the cluster's `compose(*args, ...)`."""
+    compose("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=180, check=False)
+    label = f"label=com.docker.compose.project={project}"
+    left = []
+    for kind, ls in (("container", ["ps", "-a"]), ("network", ["network", "ls"]), ("volume", ["volume", "ls"])):
+        left += [f"{kind} {x}" for x in run(["docker", *ls, "-q", "--filter", label], timeout=60).stdout.split()]
+    assert not left, f"compose down left these behind: {left}"
+
+
 def blank_ddtrain_env() -> dict[str, str]:
     """Empty values for the caller's DDTRAIN_* variables: compose treats them as unset, so that
     a developer's shell does not leak into the compose files' defaults."""

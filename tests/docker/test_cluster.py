@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import COMPOSE_FILE, TAG, blank_ddtrain_env, compose_command, run
+from .conftest import COMPOSE_FILE, TAG, blank_ddtrain_env, compose_command, compose_down, run
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -86,20 +86,8 @@ class Cluster:
         return self.compose("run", "--rm", "--no-deps", "-T", "--entrypoint", entrypoint, "node2",
                             *args, timeout=timeout, check=check)
 
-    def leftovers(self) -> list[str]:
-        """Containers, networks and volumes of this project that still exist."""
-        label = f"label=com.docker.compose.project={PROJECT}"
-        found = []
-        for kind, ls in (("container", ["ps", "-a"]), ("network", ["network", "ls"]),
-                         ("volume", ["volume", "ls"])):
-            out = run(["docker", *ls, "-q", "--filter", label], timeout=60).stdout.split()
-            found += [f"{kind} {x}" for x in out]
-        return found
-
     def down(self) -> None:
-        self.compose("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=180, check=False)
-        left = self.leftovers()
-        assert not left, f"compose down left these behind: {left}"
+        compose_down(self.compose, PROJECT)
 
 
 # ---------------------------------------------------------------- fixtures

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import SLURM_COMPOSE_FILE, TAG, blank_ddtrain_env, compose_command, run
+from .conftest import SLURM_COMPOSE_FILE, TAG, blank_ddtrain_env, compose_command, compose_down, run
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -129,18 +129,8 @@ class SlurmCluster:
                 pass  # the line being written
         return max(steps)
 
-    def leftovers(self) -> list[str]:
-        label = f"label=com.docker.compose.project={PROJECT}"
-        found = []
-        for kind, ls in (("container", ["ps", "-a"]), ("network", ["network", "ls"]),
-                         ("volume", ["volume", "ls"])):
-            found += [f"{kind} {x}" for x in run(["docker", *ls, "-q", "--filter", label], timeout=60).stdout.split()]
-        return found
-
     def down(self) -> None:
-        self.compose("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=180, check=False)
-        left = self.leftovers()
-        assert not left, f"compose down left these behind: {left}"
+        compose_down(self.compose, PROJECT)
 
 
 @pytest.fixture(scope="module")
