@@ -17,7 +17,7 @@ once the flags are known; then every request is waited for.
 
 from __future__ import annotations
 
-from ddtrain.parallel.sync.base import StepFlags, SyncBase, nonfinite
+from ddtrain.parallel.sync.base import StepFlags, SyncBase
 
 HEADER = 16  # elements: the flags, padded to 64 bytes so the gradient stays cache-line aligned
 
@@ -78,7 +78,6 @@ class MPIAllreduce(SyncBase):
             self._views = [self.wire[a:b] for a, b in self.buckets]
             self._next = 0
             self._requests: list = []
-            self._bad = 0
             self.on_grads_ready = self._grads_ready
 
     # -- overlap --------------------------------------------------------------------
@@ -86,17 +85,21 @@ class MPIAllreduce(SyncBase):
         self._requests.append(self.comm.Iallreduce(self._views[i]))
         self.calls["Iallreduce"] += 1
 
-    def _grads_ready(self, offset: int) -> None:
-        """grad[offset:] is final for this step: start every bucket now complete, except the
-        front one (it carries the flags, known only after backward)."""
-        for req in self._requests:  # MPI progresses a nonblocking collective only inside calls
-            req.Test()
+    def _start_complete(self, offset: int) -> None:
+        """Start every bucket whose gradient is final (wire index >= offset + HEADER), last first,
+        each checked for non-finite values before it leaves; never the front one (it carries
+        the flags, known only once the whole gradient is checked)."""
         last = len(self.buckets) - 1
         while self._next < last and self.buckets[self._next][0] >= offset + HEADER:
-            a, b = self.buckets[self._next]
-            self._bad |= nonfinite(self.xp, self.wire[a:b])
+            self._check_ready(self.buckets[self._next][0] - HEADER)
             self._start(self._next)
             self._next += 1
+
+    def _grads_ready(self, offset: int) -> None:
+        """Backward finished grad[offset:]: start the buckets now complete."""
+        for req in self._requests:  # MPI progresses a nonblocking collective only inside calls
+            req.Test()
+        self._start_complete(offset)
 
     # -- the synchronisation point ---------------------------------------------------
     def synchronize(self, flags: StepFlags) -> StepFlags:
@@ -106,17 +109,12 @@ class MPIAllreduce(SyncBase):
             self.comm.Allreduce(self.wire)
             self.calls["Allreduce"] += 1
         else:
-            while self._next < len(self.buckets) - 1:  # buckets backward did not report
-                a, b = self.buckets[self._next]
-                self._bad |= nonfinite(self.xp, self.wire[a:b])
-                self._start(self._next)
-                self._next += 1
-            a, b = self.buckets[-1]
-            h[0], h[1] = flags.stop, self._bad | nonfinite(self.xp, self.wire[HEADER:b])
+            self._start_complete(0)  # buckets backward did not report
+            h[0], h[1] = flags.stop, self.local_nonfinite()
             self._start(len(self.buckets) - 1)
             for req in self._requests:
                 req.Wait()
             self._requests.clear()
-            self._next, self._bad = 0, 0
+            self._next = 0
         stop, bad = h[:2].tolist()  # one small read (a device sync on a GPU)
         return StepFlags(stop=int(stop), nonfinite=int(bad))
