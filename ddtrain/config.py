@@ -35,6 +35,7 @@ class ModelConfig:
     ])
     init: str = "pytorch"          # pytorch | he | xavier
     loss: str = "cross_entropy"    # cross_entropy | mse | hinge
+    label_smoothing: float = 0.0   # cross_entropy only: torch's CrossEntropyLoss(label_smoothing=)
 
 
 @dataclass
@@ -238,6 +239,11 @@ def _validate(cfg: Config) -> None:
         if v < low or (exclusive and v == low):
             op = ">" if exclusive else ">="
             raise ConfigError(f"{sec}.{key} must be {op} {low}, got {v}")
+    if not 0.0 <= cfg.model.label_smoothing < 1.0:
+        raise ConfigError(f"model.label_smoothing must be in [0, 1), got {cfg.model.label_smoothing}")
+    if cfg.model.label_smoothing and cfg.model.loss != "cross_entropy":
+        raise ConfigError(f"model.label_smoothing applies to loss cross_entropy only, not {cfg.model.loss!r}:"
+                          " remove it or set model.loss: cross_entropy")
     if not isinstance(cfg.model.layers, list) or not cfg.model.layers:
         raise ConfigError("model.layers must be a non-empty list of layer specs like {type: linear, out: 10}")
     from ddtrain.data.registry import resolve  # the one place dataset names are known

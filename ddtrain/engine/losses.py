@@ -52,12 +52,19 @@ class Loss:
 class SoftmaxCrossEntropy(Loss):
     """loss_n = logsumexp(z_n) - z_n[y_n], fused with softmax (gradient softmax - onehot).
 
-    Stable for any logits: z is shifted by its row max before exp. Keeps the softmax p:
-        d(scale * sum_n loss_n)/dz = (p - onehot(y)) * scale.
+    With label smoothing e (torch's CrossEntropyLoss(label_smoothing=e)) the target is
+    t = (1 - e) * onehot(y) + e / C, so loss_n = logsumexp(z_n) - sum_c t_c z_nc.
+    Stable for any logits: z is shifted by its row max before exp (sum_c t_c = 1, so the shift
+    cancels). Keeps the softmax p:
+        d(scale * sum_n loss_n)/dz = (p - t) * scale.
     Its (N, C) buffers take the memory order of the logits (Linear writes them column-major):
     mixing orders made every element-wise call of the loss a strided one (forward 26 -> 17 us,
     batch 256). z is computed in p's buffer and its label column read before exp overwrites it.
     """
+
+    def __init__(self, backend: Backend = CPU, label_smoothing: float = 0.0):
+        super().__init__(backend)
+        self.smoothing = float(label_smoothing)
 
     def forward(self, logits, labels):
         xp = self.xp
@@ -68,6 +75,8 @@ class SoftmaxCrossEntropy(Loss):
         p = self._buf("p", (n, c), logits.dtype, order)
         xp.subtract(logits, shift, out=p)  # z = logits - row max
         picked = p[self._arange(n), labels].sum()  # sum_n z_n[y_n]
+        if self.smoothing:  # sum_n sum_c t_nc z_nc
+            picked = (1 - self.smoothing) * picked + (self.smoothing / c) * p.sum()
         xp.exp(p, out=p)
         s = self._buf("s", (n, 1), logits.dtype)
         xp.sum(p, axis=1, keepdims=True, out=s)
@@ -79,8 +88,13 @@ class SoftmaxCrossEntropy(Loss):
     def backward(self, scale):
         xp, p = self.xp, self._p
         d = self._buf("d", p.shape, p.dtype, memory_order(p))
-        xp.multiply(p, scale, out=d)
-        d[self._arange(self._n), self._labels] -= scale
+        if self.smoothing:
+            xp.subtract(p, self.smoothing / p.shape[1], out=d)
+            xp.multiply(d, scale, out=d)
+            d[self._arange(self._n), self._labels] -= (1 - self.smoothing) * scale
+        else:
+            xp.multiply(p, scale, out=d)
+            d[self._arange(self._n), self._labels] -= scale
         return d
 
 
@@ -145,8 +159,9 @@ LOSSES = registry(choices.LOSSES, {
 })
 
 
-def make_loss(name: str, backend: Backend = CPU) -> Loss:
+def make_loss(name: str, backend: Backend = CPU, label_smoothing: float = 0.0) -> Loss:
     """A new loss by registry name; ConfigError (with a suggestion) for an unknown one."""
     if name not in LOSSES:
         raise ConfigError(unknown("loss", name, LOSSES))
-    return LOSSES[name](backend)
+    options = {"label_smoothing": label_smoothing} if label_smoothing else {}
+    return LOSSES[name](backend, **options)

@@ -99,7 +99,7 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.model = build_model(cfg.model.layers, self.data.input_shape, backend, init=cfg.model.init,
                                  seed=cfg.train.seed)
-        self.loss = make_loss(cfg.model.loss, backend)
+        self.loss = make_loss(cfg.model.loss, backend, label_smoothing=cfg.model.label_smoothing)
         # The one decision about how gradients are combined; it may move the model's buffers
         # (collective), so the optimizer is built after it, over the range it gives.
         self.sync = make_sync(cfg.dist, comm, self.model, is_gpu=backend.is_gpu)

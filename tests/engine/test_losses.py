@@ -125,3 +125,31 @@ def test_correct_counts_argmax_hits():
 def test_unknown_loss_is_a_config_error_with_a_suggestion():
     with pytest.raises(ConfigError, match=r"unknown loss 'cross_entropi' \(did you mean 'cross_entropy'\?\)"):
         make_loss("cross_entropi")
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_matches_torch_value_and_gradient(smoothing):
+    """CrossEntropyLoss(label_smoothing=e): target (1 - e) * onehot + e / C, value and gradient."""
+    torch = require("torch", "torch is the comparison reference: pip install torch")
+    logits, labels = random_batch(n=7, c=5)
+    tz = torch.from_numpy(logits).requires_grad_()
+    ref = torch.nn.functional.cross_entropy(tz, torch.from_numpy(labels), reduction="mean",
+                                            label_smoothing=smoothing)
+    ref.backward()
+    loss = make_loss("cross_entropy", label_smoothing=smoothing)
+    got = loss.forward(logits, labels) / len(labels)
+    assert float(got) == pytest.approx(ref.item(), rel=1e-12)
+    np.testing.assert_allclose(loss.backward(1 / len(labels)), tz.grad.numpy(), rtol=1e-10, atol=1e-15)
+
+
+def test_label_smoothing_gradient_matches_central_differences():
+    [row] = check_loss(make_loss("cross_entropy", label_smoothing=0.2), batch=5, classes=4, seed=3)
+    assert row.max_rel_error < 1e-6, row
+
+
+def test_label_smoothing_is_validated_in_the_config():
+    from ddtrain.config import load_config
+    with pytest.raises(ConfigError, match="label_smoothing must be in"):
+        load_config("mlp", sets=["model.label_smoothing=1.5"])
+    with pytest.raises(ConfigError, match="cross_entropy only"):
+        load_config("mlp", sets=["model.loss=mse", "model.label_smoothing=0.1"])
