@@ -482,7 +482,8 @@ class MaxPool2d(_Pool2d):
     def backward(self, dy):
         xp, k = self.xp, self.k
         if self._arg is None:  # after an eval forward: find the winners now (its input is unchanged)
-            self._arg = self._argmax(self._src, self._buf("y", dy.shape, dy.dtype, self._x_layout))
+            # not into y: an in-place ReLU after this layer passes its dx (our dy) back in it
+            self._arg = self._argmax(self._src, self._buf("y-again", dy.shape, dy.dtype, self._x_layout))
         if self.s != k or self.p != 0:
             # The mask in dy's dtype: multiplying by a bool mask casts it on the fly, 3x slower.
             hit = self._buf("hit", dy.shape, dy.dtype, self._x_layout)

@@ -43,6 +43,7 @@ class Sequential:
         if init not in INIT_SCHEMES:
             raise ConfigError(_unknown("init scheme", init, INIT_SCHEMES))
         self.layers = list(layers)
+        self.run_order = self._run_order(self.layers)
         for prev, layer in zip(self.layers, self.layers[1:]):  # Linear keeps no output: ReLU may overwrite it
             if type(layer) is ReLU and type(prev) is Linear:
                 layer.inplace = True
@@ -81,6 +82,23 @@ class Sequential:
         for layer in self.layers:
             layer.init_params(rng, init)
         self.input_grad = input_grad
+
+    @staticmethod
+    def _run_order(layers: list[Layer]) -> list[int]:
+        """The order forward runs the layers in (backward runs it reversed): the model's order,
+        except that a ReLU right before a MaxPool2d runs after it, on the pooled output.
+
+        max commutes with any non-decreasing function, so relu(maxpool(x)) = maxpool(relu(x)),
+        and the gradients agree too: where a window's max is positive its first maximum is the
+        same position in x and in relu(x); where it is not, both pass 0. The ReLU then reads
+        and writes k*k times fewer values (the conv-ReLU-pool blocks of a CNN). It overwrites
+        the pool's output, which the pool's backward does not read."""
+        order = list(range(len(layers)))
+        for i in range(len(layers) - 1):
+            if type(layers[i]) is ReLU and type(layers[i + 1]) is MaxPool2d and order[i] == i:
+                order[i], order[i + 1] = i + 1, i
+                layers[i].inplace = True
+        return order
 
     def _bind_layers(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -164,8 +182,8 @@ class Sequential:
         if x.dtype != self.dtype:
             raise TypeError(f"input is {x.dtype} but the model is {self.dtype}: convert the data once, "
                             f"not every step (x.astype({self.dtype.name}))")
-        for layer in self.layers:
-            x = layer.forward(x, train)
+        for i in self.run_order:
+            x = self.layers[i].forward(x, train)
         return x
 
     def backward(self, dlogits, on_grads_ready: Callable[[int], None] | None = None):
@@ -177,7 +195,9 @@ class Sequential:
         Returns d loss / d x (N, *in_shape) if input_grad, else None.
         """
         dy = dlogits
-        for i in range(len(self.layers) - 1, self._stop - 1, -1):
+        for i in reversed(self.run_order):
+            if i < self._stop:  # a swapped pair has no parameters: it never straddles the stop
+                continue
             dy = self.layers[i].backward(dy)
             if on_grads_ready is not None and i in self._first_offset:
                 on_grads_ready(self._first_offset[i])

@@ -89,6 +89,37 @@ def test_a_whole_cnn_has_correct_gradients():
         assert row.max_rel_error < 1e-6, row
 
 
+def test_relu_before_maxpool_runs_after_it_with_bitwise_the_same_results():
+    """The model runs a ReLU that precedes a MaxPool2d on the pooled output: the logits, the
+    input gradient and every weight gradient are bitwise those of the layers' own order, also
+    with ties and negative window maxima (values on a coarse grid, half of them negative)."""
+    specs = [{"type": "conv2d", "out": 4, "kernel": 3, "padding": 1}, {"type": "relu"},
+             {"type": "maxpool2d", "kernel": 2}, {"type": "conv2d", "out": 6, "kernel": 3},
+             {"type": "batchnorm2d"}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 3, "stride": 2, "padding": 1},
+             {"type": "flatten"}, {"type": "linear", "out": 5}]
+    rng = np.random.default_rng(4)
+    x = (np.round(rng.standard_normal((6, 1, 12, 11)) * 2) / 2).astype(np.float32)
+    labels = rng.integers(0, 5, 6)
+    results = []
+    for swapped in (True, False):
+        model = build_model(specs, (1, 12, 11), seed=3)
+        model.input_grad = True
+        if swapped:
+            assert model.run_order == [0, 2, 1, 3, 4, 6, 5, 7, 8]
+        else:
+            model.run_order = list(range(len(specs)))
+            for i in (1, 5):
+                model.layers[i].inplace = False
+        loss = make_loss("cross_entropy")
+        model.set_batch_context(single_batch(0, 0, 6))
+        logits = model.forward(x, train=True).copy()
+        loss.forward(logits, labels)
+        dx = model.backward(loss.backward(1 / 6)).copy()
+        results.append((logits, dx, model.params.grad.copy()))
+    for ours, theirs in zip(*results):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 # -- PyTorch parity -------------------------------------------------------------------------
 
 def require_torch():
