@@ -27,37 +27,84 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _hash(xp, indices, key: int):
+class Scratch:
+    """The arrays one augmentation call works in, kept for the next call of the same shape (a
+    training step then allocates nothing): `scratch(tag, shape, dtype)` an uninitialised array,
+    `scratch.arange(n, offset)` the constant offset + arange(n) (int64), filled once."""
+
+    def __init__(self, xp=np):
+        self.xp, self._arrays = xp, {}
+
+    def __call__(self, tag: str, shape: tuple, dtype):
+        key = (tag, tuple(shape), np.dtype(dtype))
+        a = self._arrays.get(key)
+        if a is None:
+            a = self._arrays[key] = self.xp.empty(shape, dtype)
+        return a
+
+    def arange(self, n: int, offset: int = 0):
+        key = ("arange", n, offset)
+        a = self._arrays.get(key)
+        if a is None:
+            a = self._arrays[key] = self.xp.arange(offset, offset + n, dtype=self.xp.int64)
+        return a
+
+
+def _hash(xp, indices, key: int, scratch: Scratch):
     """64 random bits per index: SplitMix64(index ^ key), uint64 arithmetic wrapping mod 2^64."""
-    z = xp.asarray(indices).astype(xp.uint64) ^ xp.uint64(key)
-    z = z + xp.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(0x94D049BB133111EB)
-    return z ^ (z >> xp.uint64(31))
+    n = len(indices)
+    z, t = scratch("z", (n,), xp.uint64), scratch("t", (n,), xp.uint64)
+    z[...] = xp.asarray(indices)
+    xp.bitwise_xor(z, xp.uint64(key), out=z)
+    xp.add(z, xp.uint64(0x9E3779B97F4A7C15), out=z)
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        xp.right_shift(z, xp.uint64(shift), out=t)
+        xp.bitwise_xor(z, t, out=z)
+        xp.multiply(z, xp.uint64(mult), out=z)
+    xp.right_shift(z, xp.uint64(31), out=t)
+    xp.bitwise_xor(z, t, out=z)
+    return z
 
 
-def augment_params(global_indices, seed: int, epoch: int, crop_pad: int, hflip: bool, xp=np):
+def augment_params(global_indices, seed: int, epoch: int, crop_pad: int, hflip: bool, xp=np,
+                   scratch: Scratch | None = None):
     """(dy, dx, flip) of each sample: int64 crop offsets in [0, 2 * crop_pad], bool flips.
 
-    global_indices: (N,) integers, the samples' indices in the training set (xp array or host)."""
+    global_indices: (N,) integers, the samples' indices in the training set (xp array or host).
+    The three arrays live in `scratch` (new ones when None)."""
+    scratch = scratch or Scratch(xp)
     key = _splitmix64((_splitmix64(int(seed)) ^ int(epoch)) & _MASK64)
-    bits = _hash(xp, global_indices, key)
+    bits = _hash(xp, global_indices, key, scratch)
+    n = len(bits)
     span = xp.uint64(2 * int(crop_pad) + 1)
-    dy = (bits % span).astype(xp.int64)
-    dx = ((bits >> xp.uint64(21)) % span).astype(xp.int64)
-    flip = ((bits >> xp.uint64(42)) & xp.uint64(1)).astype(bool) & bool(hflip)
+    t = scratch("t", (n,), xp.uint64)
+    dy, dx = scratch("dy", (n,), xp.int64), scratch("dx", (n,), xp.int64)
+    flip = scratch("flip", (n,), bool)
+    xp.remainder(bits, span, out=t)
+    dy[...] = t
+    xp.right_shift(bits, xp.uint64(21), out=t)
+    xp.remainder(t, span, out=t)
+    dx[...] = t
+    xp.right_shift(bits, xp.uint64(42), out=t)
+    xp.bitwise_and(t, xp.uint64(1 if hflip else 0), out=t)
+    flip[...] = t
     return dy, dx, flip
 
 
 def augment(x_out, x_in, global_indices, seed: int, epoch: int, crop_pad: int, hflip: bool, xp=np,
-            fill: float = 0.0) -> None:
+            fill: float = 0.0, scratch: Scratch | None = None) -> None:
     """x_out[n] = the (seed, epoch, global_indices[n]) crop and flip of x_in[n] (module docstring).
 
     x_in, x_out: (N, C, H, W) float arrays of xp (x_out preallocated, not x_in); global_indices:
     (N,) integers. crop_pad 0 and hflip False copy x_in unchanged. fill: the padding's value;
     torchvision pads raw pixels with 0 (black): on standardised pixels that is -mean/std.
+    scratch: where every intermediate goes (`Scratch`: reused by the next call); None: new ones.
+
+    One gather: x_out = take(x_in, index) * inside + fill * (1 - inside), where index[n, c, r, q]
+    is the flat position of input pixel (n, c, rows[n, r], cols[n, q]) (clipped into the image)
+    and inside (N, 1, H, W) is 1 where that pixel lies inside it, 0 in the padding.
     """
-    n, _, h, w = x_in.shape
+    n, c, h, w = x_in.shape
     if x_out.shape != x_in.shape:
         raise ValueError(f"x_out has shape {tuple(x_out.shape)}, x_in {tuple(x_in.shape)}")
     if len(global_indices) != n:
@@ -67,17 +114,46 @@ def augment(x_out, x_in, global_indices, seed: int, epoch: int, crop_pad: int, h
     if crop_pad == 0 and not hflip:
         xp.copyto(x_out, x_in)
         return
-    dy, dx, flip = augment_params(global_indices, seed, epoch, crop_pad, hflip, xp)
-    # Output pixel (r, c) of sample n is input pixel (rows[n, r], cols[n, c]), zero where outside.
-    rows = dy[:, None] - crop_pad + xp.arange(h)[None, :]
-    cols = dx[:, None] - crop_pad + xp.arange(w)[None, :]
-    cols = xp.where(flip[:, None], cols[:, ::-1], cols)
-    inside = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :])
-    picked = x_in.transpose(0, 2, 3, 1)[xp.arange(n)[:, None, None], xp.clip(rows, 0, h - 1)[:, :, None],
-                                        xp.clip(cols, 0, w - 1)[:, None, :]]  # (N, H, W, C)
-    xp.multiply(picked.transpose(0, 3, 1, 2), inside[:, None, :, :], out=x_out)
-    if fill:
-        x_out += xp.asarray(fill, dtype=x_out.dtype) * ~inside[:, None, :, :]
+    if not x_in.flags.c_contiguous:
+        raise ValueError("x_in must be C-contiguous (N, C, H, W)")
+    scratch = scratch or Scratch(xp)
+    dy, dx, flip = augment_params(global_indices, seed, epoch, crop_pad, hflip, xp, scratch)
+    # Output pixel (r, q) of sample n is input pixel (rows[n, r], cols[n, q]).
+    rows, cols = scratch("rows", (n, h), xp.int64), scratch("cols", (n, w), xp.int64)
+    xp.add(dy[:, None], scratch.arange(h, -crop_pad), out=rows)
+    xp.add(dx[:, None], scratch.arange(w, -crop_pad), out=cols)
+    if hflip:
+        flipped = scratch("cols-flipped", (n, w), xp.int64)
+        flipped[...] = cols[:, ::-1]
+        xp.copyto(cols, flipped, where=flip[:, None])
+    row_in, col_in = scratch("row-in", (n, h), bool), scratch("col-in", (n, w), bool)
+    _within(xp, rows, h, row_in, scratch)
+    _within(xp, cols, w, col_in, scratch)
+    inside = scratch("inside", (n, 1, h, w), x_out.dtype)
+    xp.logical_and(row_in[:, None, :, None], col_in[:, None, None, :], out=inside, casting="unsafe")
+    xp.clip(rows, 0, h - 1, out=rows)
+    xp.clip(cols, 0, w - 1, out=cols)
+    # flat index = ((n * C + c) * H + row) * W + col, built by broadcasting into one buffer
+    index = scratch("index", (n, c, h, w), xp.int64)
+    base = scratch("base", (n, c), xp.int64)
+    xp.multiply(scratch.arange(n * c).reshape(n, c), h * w, out=base)
+    xp.multiply(rows, w, out=rows)
+    xp.add(base[:, :, None, None], rows[:, None, :, None], out=index)
+    xp.add(index, cols[:, None, None, :], out=index)
+    xp.take(x_in.reshape(-1), index, out=x_out, mode="clip")  # the default mode="raise" buffers out
+    xp.multiply(x_out, inside, out=x_out)
+    if fill:  # + fill * (1 - inside)
+        xp.subtract(1, inside, out=inside)
+        xp.multiply(inside, x_out.dtype.type(fill), out=inside)
+        xp.add(x_out, inside, out=x_out)
+
+
+def _within(xp, a, size: int, out, scratch: Scratch) -> None:
+    """out = (0 <= a) & (a < size), for an integer array a."""
+    tmp = scratch("within", a.shape, bool)
+    xp.greater_equal(a, 0, out=out)
+    xp.less(a, size, out=tmp)
+    xp.logical_and(out, tmp, out=out)
 
 
 class Augmentation:
@@ -89,6 +165,7 @@ class Augmentation:
         self.seed, self.crop_pad, self.hflip, self.fill, self.xp = int(seed), int(crop_pad), bool(hflip), fill, xp
         self.active = self.crop_pad > 0 or self.hflip
         self._out: dict = {}
+        self._scratch = Scratch(xp)
 
     def __call__(self, x, global_indices, epoch: int):
         if not self.active:
@@ -96,5 +173,6 @@ class Augmentation:
         out = self._out.get(x.shape)
         if out is None:
             out = self._out[x.shape] = self.xp.empty_like(x)
-        augment(out, x, global_indices, self.seed, epoch, self.crop_pad, self.hflip, self.xp, fill=self.fill)
+        augment(out, x, global_indices, self.seed, epoch, self.crop_pad, self.hflip, self.xp, fill=self.fill,
+                scratch=self._scratch)
         return out

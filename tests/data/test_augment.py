@@ -72,3 +72,29 @@ def test_no_crop_no_flip_is_a_copy_and_bad_arguments_are_refused():
         augment(out, x, np.arange(5), 0, 0, 2, True)
     with pytest.raises(ValueError, match="crop_pad"):
         augment(out, x, np.arange(12), 0, 0, -1, True)
+
+
+def test_a_steady_state_augmentation_allocates_nothing_and_equals_the_function():
+    """Augmentation works in its own reused arrays: after the first batch of a shape, a call
+    allocates nothing batch-sized, and gives what augment() without them gives."""
+    import tracemalloc
+
+    from ddtrain.data.augment import Augmentation
+    x = np.random.default_rng(1).standard_normal((128, 1, 28, 28)).astype(np.float32)
+    idx = np.arange(1000, 1128)
+    aug = Augmentation(seed=5, crop_pad=2, hflip=True, fill=-0.8)
+    aug(x, idx, epoch=0)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for epoch in (1, 2):
+            out = aug(x, idx, epoch)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Batch-sized arrays are 400 kB (the images) and 800 kB (the gather's int64 index); numpy's
+    # own ufunc buffers (8192 elements per operand, for casts and broadcasts) are freed at once.
+    assert peak - base < 200_000, f"an augmentation call allocated {peak - base} bytes at its peak"
+    expected = np.empty_like(x)
+    augment(expected, x, idx, seed=5, epoch=2, crop_pad=2, hflip=True, fill=-0.8)
+    np.testing.assert_array_equal(out, expected)
