@@ -24,6 +24,11 @@ makes single runs meaningless. Sections (``--sections``):
              config) for 1 and 2 ranks.
   profile    one steady-state step split into matmul, element-wise, optimizer, data, communication
              and Python (ddtrain.benchmarks.profile_step), 1 and 2 ranks.
+  cnn        ddtrain's convolution layers against PyTorch (when importable; otherwise ddtrain alone,
+             with the reason) on the two FashionMNIST CNNs (cnn, and cnn-bn with BatchNorm2d), the
+             same initial weights, 1 BLAS thread, batch 128 (ddtrain.benchmarks.cnn): one process
+             whose rounds alternate the two, samples/s, ddtrain's fraction of the sgemm-peak limit
+             (training FLOPs at the measured 1-thread sgemm rate) and its per-layer forward/backward ms.
   gpu        `ddtrain train --device gpu` against the PyTorch loop on CUDA, one process, at batches
              256, 1024 and 4096, when CuPy sees a GPU (torch's row when torch sees one too);
              otherwise recorded as skipped, with the reason. (Never run yet: no GPU here.)
@@ -59,8 +64,10 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = "ddtrain.benchmarks"  # the scripts, run as `python -m ddtrain.benchmarks.NAME`
 BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 IMPLS = ("ddtrain", "numpy", "numpy-reuse", "torch", "products")  # products: the products-only limit
-SECTIONS = ("single", "ranks", "allreduce", "startup", "profile", "gpu")
+SECTIONS = ("single", "ranks", "allreduce", "startup", "profile", "cnn", "gpu")
 GPU_BATCHES = (256, 1024, 4096)  # a GPU needs large batches to be busy
+CNN_MODELS = ("cnn", "cnn-bn")  # ddtrain.benchmarks.cnn's models
+CNN_BATCH = 128  # the CNN goals are stated at batch 128: --quick keeps it (fewer steps instead)
 # ddtrain's 2-rank variants: name -> its --set options (the default first).
 DDTRAIN_PAIRS = {"2 ranks": (),
                  "2 ranks, allreduce": ("dist.shared_memory=false",),
@@ -85,6 +92,10 @@ GOALS = (
     ("pair", "2 ranks default (node shared memory) / two independent processes (worst batch)", 0.95, "min"),
     ("shm", "shared-memory sync (sum of the node's gradients, publish) / memcpy", 3.0, "max"),
     ("rss", "peak RSS per rank, MB (default model, dataset included)", 300.0, "max"),
+    ("cnn_torch", "CNNs (cnn and cnn-bn), 1 process, 1 BLAS thread, batch 128: ddtrain / PyTorch CPU samples/s "
+     "(worse of the two)", 1.5, "min"),
+    ("cnn_limit", "CNNs, batch 128: ddtrain / the sgemm-peak limit (training FLOPs at the 1-thread sgemm rate; "
+     "worse of the two)", 0.4, "min"),
     ("help", "ddtrain --help, s", 0.5, "max"),
     ("first_step", "launch to first training step, s (worst of 1 and 2 ranks)", 3.0, "max"),
 )
@@ -102,6 +113,7 @@ class Options:
     data_dir: str | None = None
     allreduce_repeats: int = 200
     startup_runs: int = 5
+    cnn_steps: int = 10  # timed steps per round of the cnn section
     quick: bool = False
 
 
@@ -462,6 +474,47 @@ def section_profile(r: Runner, setting: dict) -> dict:
     return out
 
 
+def torch_unavailable() -> str | None:
+    """Why the PyTorch contender cannot run (None when torch is importable)."""
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (pip install torch to compare against it)"
+    return None
+
+
+def section_cnn(r: Runner, setting: dict) -> dict:
+    """ddtrain.benchmarks.cnn in one process: both CNNs, rounds alternating ddtrain and torch inside
+    it (the two share the weights it builds once). Ratios and fractions of the limit are paired
+    within a round; without torch, ddtrain alone and the reason in "torch_skipped"."""
+    o = r.opts
+    out_json = r.workdir / f"cnn-{r._runs:04d}.json"
+    cmd = [r.python, "-m", f"{BENCHMARKS}.cnn", "--rounds", str(o.rounds), "--steps", str(o.cnn_steps),
+           "--batch", str(CNN_BATCH), "--models", ",".join(CNN_MODELS), "--json", str(out_json)]
+    missing = torch_unavailable()
+    if missing:
+        cmd.append("--no-torch")
+        r.echo(f"  [{setting['label']}] cnn: PyTorch skipped: {missing}")
+    r.run(cmd, setting)
+    raw = json.loads(out_json.read_text())
+    sgemm = raw["sgemm_flops"]
+    models = {}
+    for m in raw["results"]:
+        limit = sgemm / m["train_flops_per_sample"]
+        ours = m["ddtrain"]["runs"]
+        theirs = m["torch"]["runs"] if m["torch"] else None
+        cell = {"train_flops_per_sample": m["train_flops_per_sample"], "limit_samples_per_second": limit,
+                "ddtrain": summarize(ours), "torch": summarize(theirs) if theirs else None,
+                "ddtrain/torch": summarize([ratio(a, b) for a, b in zip(ours, theirs)]) if theirs else None,
+                "ddtrain/limit": summarize([v / limit for v in ours]), "per_layer": m["per_layer"]}
+        models[m["model"]] = cell
+        r.echo(f"  [{setting['label']}] cnn {m['model']}: ddtrain {cell['ddtrain']['median']:,.0f} samples/s"
+               + (f", torch {cell['torch']['median']:,.0f}" if theirs else "")
+               + f", {cell['ddtrain/limit']['median']:.0%} of the limit")
+    return {"batch": CNN_BATCH, "rounds": o.rounds, "steps": o.cnn_steps, "sgemm_gflops": sgemm / 1e9,
+            "loadavg_before": raw["loadavg_before"], "loadavg_after": raw["loadavg_after"],
+            "torch_skipped": missing, "models": models}
+
+
 def gpu_devices(python: str) -> dict:
     """{"cupy": device count or the reason there is none, "torch": ...}, asked in subprocesses
     (this process never initialises CUDA)."""
@@ -513,6 +566,11 @@ def goals(result: dict, setting: int = 0) -> list[dict]:
     fig["rss"] = max(rss) if rss else None
     st = result.get("startup") or {}
     fig["help"] = (st.get("help_seconds") or {}).get("median")
+    cnn = (first.get("cnn") or {}).get("models") or {}
+    for key, of in (("cnn_torch", "ddtrain/torch"), ("cnn_limit", "ddtrain/limit")):
+        each = [(c.get(of) or {}).get("median") for c in cnn.values()]
+        # "both CNNs": the worse one, measured only when both were
+        fig[key] = min(each) if len(each) == len(CNN_MODELS) and None not in each else None
     firsts = [v["median"] for v in (st.get("first_step_seconds") or {}).values()]
     fig["first_step"] = max(firsts) if firsts else None
     rows = []
@@ -574,6 +632,8 @@ def format_table(result: dict) -> str:
                             ("matmul", "element-wise", "optimizer", "data", "communication", "python")]
                             + [f"{p['temporaries_kb_per_2_steps'] / 2:.1f}"])
             lines += ["", "profile of one steady-state step, ms"] + _grid(head, rows)
+        if "cnn" in s:
+            lines += [""] + _cnn_table(s["cnn"])
     ar = result.get("allreduce")
     if ar:
         med = ar["median_us"]
@@ -598,6 +658,32 @@ def format_table(result: dict) -> str:
                 for g in by_setting["goals"]]
         lines += _grid(["goal", "target", "figure", ""], rows)
     return "\n".join(lines)
+
+
+def _cnn_table(cnn: dict) -> list[str]:
+    """section_cnn's result: per model samples/s (median [min, max]), the limit, ratios; then
+    ddtrain's per-layer forward/backward ms of each model."""
+    def span(s):
+        return "-" if not s else f"{s['median']:,.0f} [{s['min']:,.0f}, {s['max']:,.0f}]"
+    lines = [f"CNNs, 1 process, 1 BLAS thread, batch {cnn['batch']}: {cnn['rounds']} round(s) of {cnn['steps']} "
+             f"steps alternating ddtrain and torch; sgemm {cnn['sgemm_gflops']:.1f} GFLOP/s (2048^3, best of 5); "
+             "samples/s: median [min, max]"]
+    if cnn.get("torch_skipped"):
+        lines.append(f"torch: skipped: {cnn['torch_skipped']}")
+    head = ["model", "MFLOP/sample", "limit samples/s", "ddtrain samples/s", "torch samples/s", "ddtrain/torch",
+            "ddtrain / limit"]
+    rows = [[name, f"{c['train_flops_per_sample'] / 1e6:.2f}", _f(c["limit_samples_per_second"]),
+             span(c["ddtrain"]), span(c["torch"]), _cell(c["ddtrain/torch"], "{:.2f}x"),
+             _cell(c["ddtrain/limit"], "{:.3f}")] for name, c in cnn["models"].items()]
+    lines += _grid(head, rows)
+    for name, c in cnn["models"].items():
+        per_layer = c["per_layer"]
+        rows = [[p["layer"], f"{p['forward_ms']:.2f}", f"{p['backward_ms']:.2f}"] for p in per_layer]
+        rows.append(["total", f"{sum(p['forward_ms'] for p in per_layer):.2f}",
+                     f"{sum(p['backward_ms'] for p in per_layer):.2f}"])
+        lines += ["", f"{name}: ddtrain per layer, ms per step of {cnn['batch']} (median of {cnn['rounds']} round(s))"]
+        lines += _grid(["layer", "forward ms", "backward ms"], rows)
+    return lines
 
 
 def _single_table(cells: dict) -> list[str]:
@@ -662,6 +748,8 @@ def run_bench(opts: Options, echo=print) -> dict:
                 s["ranks"] = _optional(lambda: section_ranks(r, setting, samples), echo)
             if "profile" in opts.sections:
                 s["profile"] = section_profile(r, setting)
+            if "cnn" in opts.sections:
+                s["cnn"] = section_cnn(r, setting)
             result["settings"].append({k: v for k, v in s.items() if v is not None})
             if i == 0:  # neither the reduction nor the start-up uses BLAS kernels: measured once
                 if "allreduce" in opts.sections:
@@ -723,7 +811,7 @@ def _csv_choice(text: str, valid: tuple, what: str) -> tuple:
 @click.option("--data-dir", type=click.Path(), help="FashionMNIST directory (else $DDTRAIN_DATA, cache, ...).")
 @click.option("-o", "--output", type=click.Path(), default="bench.json", show_default=True, help="JSON file to write.")
 def bench(quick, rounds, samples, batches, impls, sections, blas, blas_env, data_dir, output):
-    """Benchmark ddtrain against a hand-written numpy loop and PyTorch; data-parallel overhead; start-up."""
+    """Benchmark ddtrain against a hand-written numpy loop and PyTorch; data-parallel overhead; start-up; CNNs."""
     forced = {}
     for item in blas_env:
         key, sep, value = item.partition("=")
@@ -734,7 +822,7 @@ def bench(quick, rounds, samples, batches, impls, sections, blas, blas_env, data
                    batches=_csv_ints(batches, "batches"), impls=_csv_choice(impls, IMPLS, "impls"),
                    sections=_csv_choice(sections, SECTIONS, "sections"), blas=blas, blas_env=forced,
                    data_dir=str(Path(data_dir).resolve()) if data_dir else None, allreduce_repeats=10 if quick else 200, startup_runs=1 if quick else 5,
-                   quick=quick)
+                   cnn_steps=2 if quick else 10, quick=quick)
     if opts.rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, not {opts.rounds}")
     result = run_bench(opts, echo=lambda m: click.echo(m, err=True))

@@ -16,6 +16,7 @@ import subprocess
 import pytest
 
 from ddtrain.bench import GOALS, blas_settings, summarize
+from ddtrain.benchmarks.cnn import MODELS
 from tests.helpers import PYTHON, REPO, data_dir, mpiexec
 
 
@@ -91,6 +92,43 @@ def test_products_limit_and_fraction_are_shown(tmp_path):
     assert "products-only limit samples/s" in table and "ddtrain / limit" in table
     goal = next(g for g in result["goals"] if g["goal"] == "products_256")
     assert goal["figure"] is None  # measured at batch 256 only; this run had 32
+
+
+def test_quick_cnn_section(tmp_path):
+    """Both CNNs against PyTorch at batch 128 (quick keeps the goals' batch, with 2 steps a round)."""
+    result, table = run_bench(tmp_path, "--sections", "cnn")
+    cnn = result["settings"][0]["cnn"]
+    assert cnn["batch"] == 128 and cnn["steps"] == 2 and cnn["torch_skipped"] is None
+    assert positive(cnn["sgemm_gflops"]) and set(cnn["models"]) == {"cnn", "cnn-bn"}
+    for name, c in cnn["models"].items():
+        for key in ("ddtrain", "torch", "ddtrain/torch", "ddtrain/limit"):
+            assert positive(c[key]["median"]), (name, key)
+        assert positive(c["limit_samples_per_second"]) and positive(c["train_flops_per_sample"])
+        layers = [p["layer"] for p in c["per_layer"]]
+        assert len(layers) == len(MODELS[name]) and layers[0].startswith("Conv2d")  # a row per layer
+        assert sum(p["forward_ms"] for p in c["per_layer"]) > 0 < sum(p["backward_ms"] for p in c["per_layer"])
+        assert f"{name}: ddtrain per layer" in table
+    assert "BatchNorm2d(64" in table and "ddtrain / limit" in table
+    by_key = {g["goal"]: g for g in result["goals"]}
+    for key in ("cnn_torch", "cnn_limit"):
+        assert positive(by_key[key]["figure"]) and by_key[key]["what"] in table
+    assert "issue" not in table.lower()
+
+
+def test_cnn_section_without_torch_reports_the_reason(tmp_path, monkeypatch):
+    """No torch: ddtrain alone (the script's --no-torch), the reason in the result and the table."""
+    import ddtrain.bench as bench
+    monkeypatch.setattr(bench, "torch_unavailable", lambda: "torch is not installed (test)")
+    monkeypatch.chdir(tmp_path)
+    result = bench.run_bench(bench.Options(rounds=1, sections=("cnn",), blas="unset", cnn_steps=1, quick=True),
+                             echo=lambda m: None)
+    cnn = result["settings"][0]["cnn"]
+    assert cnn["torch_skipped"] == "torch is not installed (test)"
+    for c in cnn["models"].values():
+        assert c["torch"] is None and c["ddtrain/torch"] is None and positive(c["ddtrain"]["median"])
+    by_key = {g["goal"]: g for g in result["goals"]}
+    assert by_key["cnn_torch"]["met"] is None and positive(by_key["cnn_limit"]["figure"])
+    assert "torch: skipped: torch is not installed (test)" in bench.format_table(result)
 
 
 def test_bench_runs_from_an_installed_wheel(tmp_path):

@@ -9,4 +9,6 @@ Each is a module run as ``python -m ddtrain.benchmarks.NAME`` and prints one JSO
                 communication and Python
   allreduce     the gradient reduction against a bare mpi4py Allreduce (2 ranks)
   mpich_algorithms  MPICH's allreduce algorithms on the same buffer (2 ranks, one node)
+  cnn           ddtrain's CNNs against PyTorch, one BLAS thread, batch 128 (prints a table;
+                its figures go to the file given as --json)
 """

@@ -233,7 +233,7 @@ CNN_TORCH = [{"type": "conv2d", "out": 8, "kernel": 3, "padding": 1, "bias": Fal
 
 def test_cnn_state_dict_loads_strictly_into_torch_and_gives_the_same_logits_and_gradients():
     torch = require_torch()
-    from benchmarks.cnn import torch_model
+    from ddtrain.benchmarks.cnn import torch_model
     model = build_model(CNN_TORCH, (1, 28, 28), seed=5)
     ref = torch_model(CNN_TORCH, (1, 28, 28))
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()}, strict=True)

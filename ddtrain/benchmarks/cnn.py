@@ -1,6 +1,9 @@
 """ddtrain's convolution layers against PyTorch on two FashionMNIST CNNs, one BLAS thread.
 
-usage: python benchmarks/cnn.py [--rounds 7] [--steps 10] [--batch 128] [--json out.json]
+usage: python -m ddtrain.benchmarks.cnn [--rounds 7] [--steps 10] [--batch 128] [--models cnn,cnn-bn]
+                                        [--no-torch] [--json out.json]
+
+`ddtrain bench --sections cnn` runs this script (one process, one BLAS thread) and reads its --json.
 
 The two models (per-sample input (1, 28, 28)):
   cnn     Conv(1->32, 3, p1)-ReLU-MaxPool2-Conv(32->64, 3, p1)-ReLU-MaxPool2-Flatten-
@@ -12,7 +15,8 @@ state dict loaded into the torch.nn.Sequential with strict=True) and see the sam
 
 Rounds alternate ddtrain and torch (so machine noise hits both alike); each round times
 --steps steps after one warm-up step; the table shows medians and the [min, max] spread of
-samples/s. The limit is what the model's FLOPs allow at this machine's measured single-thread
+samples/s (the JSON keeps each round's figure in "runs", so ratios can be paired within a
+round). The limit is what the model's FLOPs allow at this machine's measured single-thread
 sgemm rate (a 2048^3 product): limit = sgemm FLOP/s / training FLOPs per sample, where training
 counts forward, the weight gradients and the input gradients backward needs (2 FLOPs per
 multiply-add). The per-layer profile is ddtrain's forward and backward time per layer, median
@@ -179,7 +183,7 @@ def rate(run, steps: int, batch: int) -> float:
 
 
 def spread(values) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {"runs": list(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def measure(name: str, rounds: int, steps: int, batch: int, with_torch: bool = True) -> dict:
@@ -239,6 +243,10 @@ def main() -> None:
     p.add_argument("--no-torch", action="store_true", help="ddtrain only (no torch installed)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    if not args.no_torch:
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:
+            p.error("torch is not installed: pip install torch, or pass --no-torch for ddtrain alone")
     load_before = os.getloadavg()
     sgemm = sgemm_rate()
     results = [measure(m, args.rounds, args.steps, args.batch, not args.no_torch) for m in args.models.split(",")]
