@@ -77,6 +77,17 @@ def _offset_view(a, i: int, j: int, ho: int, wo: int, s: int):
     return a[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
 
 
+def sample_rows(a):
+    """a (N, ...) seen as (N, features) in memory order, where each sample's values are one
+    contiguous run (C-contiguous or channels-last); None otherwise (column-major, strided)."""
+    features = math.prod(a.shape[1:])  # not -1: an empty slice (a rank with no rows) has size 0
+    if a.flags.c_contiguous:
+        return a.reshape(a.shape[0], features)
+    if is_channels_last(a):
+        return a.transpose(0, 2, 3, 1).reshape(a.shape[0], features)
+    return None
+
+
 def sample_sums(layer: Layer, a, out, tag: str) -> None:
     """out (N, C) = the sums of `a` (N, C, *positions) over its positions, in a's dtype.
 
@@ -139,6 +150,35 @@ class _Spatial(Layer):
             a.fill(value)
             self._filled.add(key)
         return a
+
+    def _channel_vector(self, tag: str, values, x):
+        """Per-channel `values` (C,) (host or device) as an operand of `channel_op` on arrays laid
+        out like x (N, C, *positions): one sample's worth, in x's memory order, or (1, C, 1, ...).
+
+        Laid out like a sample, the op runs along whole samples; a (C,) vector broadcast over a
+        channels-last array makes numpy loop C elements at a time, 4x slower (32 channels:
+        6.3 against 1.5 ms for a multiply over a (128, 32, 28, 28) batch, one core)."""
+        xp, c = self.xp, x.shape[1]
+        values = xp.asarray(values, dtype=x.dtype)
+        if sample_rows(x) is None or x.ndim == 2:
+            buf = self._buf(tag, (c,), x.dtype)
+            buf[...] = values
+            return buf.reshape((1, c) + (1,) * (x.ndim - 2))
+        positions = math.prod(x.shape[2:])
+        buf = self._buf(tag, (positions * c,), x.dtype)
+        if is_channels_last(x) and not x.flags.c_contiguous:
+            buf.reshape(positions, c)[...] = values
+        else:
+            buf.reshape(c, positions)[...] = values[:, None]
+        return buf
+
+    @staticmethod
+    def channel_op(ufunc, x, vector, out) -> None:
+        """out = ufunc(x, vector) for a vector from `_channel_vector` (x and out: x's layout)."""
+        if vector.ndim == 1:
+            ufunc(sample_rows(x), vector, out=sample_rows(out))
+        else:
+            ufunc(x, vector, out=out)
 
     @staticmethod
     def _chw(in_shape, what: str) -> tuple[int, int, int]:
@@ -255,12 +295,14 @@ class Conv2d(_Spatial):
         y2 = y.transpose(0, 2, 3, 1).reshape(n * ho * wo, co)
         hw = ho * wo
         chunks = self._chunks(n, hw, kk, x.dtype.itemsize)
+        add_bias = self.has_bias and not fold
+        if add_bias:
+            bias = self._channel_vector("bias", self.b, y)
         for a, b in chunks:
             cols = self._im2col(src, a, b, ho, wo, k, s, "cols", chunks[0][1])
-            out = y2[a * hw:b * hw]
-            xp.matmul(cols, wmat, out=out)
-            if self.has_bias and not fold:
-                xp.add(out, self.b, out=out)
+            xp.matmul(cols, wmat, out=y2[a * hw:b * hw])
+            if add_bias:
+                self.channel_op(xp.add, y[a:b], bias, y[a:b])
         self._src, self._x_shape = src, x.shape
         return y
 

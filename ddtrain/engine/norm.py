@@ -88,13 +88,6 @@ class _BatchNorm(_Spatial):
         self._ctx = ctx
 
     # -- the math ------------------------------------------------------------------------
-    def _per_channel(self, tag: str, host: np.ndarray, x):
-        """A reused device array of shape (1, C, 1, ...) (broadcasts against x) holding `host`."""
-        c = self.channels
-        buf = self._buf(tag, (c,), x.dtype)
-        buf[...] = self.xp.asarray(host.astype(x.dtype))
-        return buf.reshape((1, c) + (1,) * (x.ndim - 2))
-
     def _stats(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """(mean, biased var, count) from [sum x, sum x^2, count]."""
         c = self.channels
@@ -151,10 +144,10 @@ class _BatchNorm(_Spatial):
         invstd = 1.0 / np.sqrt(var + self.eps)
         scale = _to_host(self.weight).astype(np.float64) * invstd
         shift = _to_host(self.bias).astype(np.float64) - mean * scale
-        scale_, shift_ = self._per_channel("scale", scale, x), self._per_channel("shift", shift, x)
+        scale_, shift_ = self._channel_vector("scale", scale, x), self._channel_vector("shift", shift, x)
         for a, b in chunks:
-            xp.multiply(x[a:b], scale_, out=y[a:b])
-            xp.add(y[a:b], shift_, out=y[a:b])
+            self.channel_op(xp.multiply, x[a:b], scale_, y[a:b])
+            self.channel_op(xp.add, y[a:b], shift_, y[a:b])
         self._x, self._train = x, train
         self._mean, self._invstd, self._scale = mean, invstd, scale
         return y
@@ -168,6 +161,10 @@ class _BatchNorm(_Spatial):
         """dy: (N, C, *positions) -> dx (x's layout), or None without needs_input_grad;
         overwrites dweight, dbias (C,) with this rank's sums."""
         xp, c, x, n = self.xp, self.channels, self._x, self._x.shape[0]
+        if memory_order(dy) != memory_order(x):  # one copy: then every op below runs in memory order
+            same = self._like("dy-like-x", x)
+            same[...] = dy
+            dy = same
         chunks = self._sample_chunks(n, x[:1].nbytes)
         tmp = self._chunk_buf("tmp", x, chunks)
         pdy, pdyx = self._buf("pdy", (n, c), x.dtype), self._buf("pdyx", (n, c), x.dtype)
@@ -184,7 +181,7 @@ class _BatchNorm(_Spatial):
             return None
         dx = self._like("dx", x)
         if not self._train:  # frozen statistics: y is affine in x
-            xp.multiply(dy, self._per_channel("a", self._scale, x), out=dx)
+            self.channel_op(xp.multiply, dy, self._channel_vector("a", self._scale, x), dx)
             return dx
         total = np.asarray(self._ctx.batch_sum(f"{self.index}.backward", np.concatenate([sum_dy, sum_dy_xhat])),
                            np.float64)
@@ -192,12 +189,12 @@ class _BatchNorm(_Spatial):
         count, a_ = self._n, self._scale
         b_ = -a_ * self._invstd * total[c:] / count
         d_ = -a_ * total[:c] / count - b_ * self._mean
-        a_, b_, d_ = (self._per_channel(t, v, x) for t, v in (("a", a_), ("b", b_), ("d", d_)))
+        a_, b_, d_ = (self._channel_vector(t, v, x) for t, v in (("a", a_), ("b", b_), ("d", d_)))
         for a, b in chunks:
-            xp.multiply(x[a:b], b_, out=tmp[:b - a])
-            xp.multiply(dy[a:b], a_, out=dx[a:b])
+            self.channel_op(xp.multiply, x[a:b], b_, tmp[:b - a])
+            self.channel_op(xp.multiply, dy[a:b], a_, dx[a:b])
             xp.add(dx[a:b], tmp[:b - a], out=dx[a:b])
-            xp.add(dx[a:b], d_, out=dx[a:b])
+            self.channel_op(xp.add, dx[a:b], d_, dx[a:b])
         return dx
 
     def describe(self):
