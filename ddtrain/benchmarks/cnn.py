@@ -141,17 +141,16 @@ class DDTrainRun:
         """(forward s, backward s) of each layer in one training step (the update excluded)."""
         m, n = self.model, len(self.x)
         m.set_batch_context(single_batch(0, self.t, n))
-        fwd, bwd, h = [], [], self.x
-        for layer in m.layers:
+        fwd, bwd, h = [0.0] * len(m.layers), [0.0] * len(m.layers), self.x
+        for i in m.run_order:  # the order the model runs them in (a ReLU before a pool runs after it)
             t = time.perf_counter()
-            h = layer.forward(h, True)
-            fwd.append(time.perf_counter() - t)
+            h = m.layers[i].forward(h, True)
+            fwd[i] = time.perf_counter() - t
         self.loss.forward(h, self.y)
         d = self.loss.backward(1.0 / n)
-        bwd = [0.0] * len(m.layers)
-        for i in range(len(m.layers) - 1, -1, -1):
+        for i in reversed(m.run_order):
             if i < m._stop:
-                break
+                continue
             t = time.perf_counter()
             d = m.layers[i].backward(d)
             bwd[i] = time.perf_counter() - t
