@@ -9,8 +9,13 @@ slowest rank's. Rank 0 prints one JSON line: the median microseconds of
   memcpy            np.copyto of the buffer into another (the physical unit of the reduction)
   bare_allreduce    MPI.COMM_WORLD.Allreduce(IN_PLACE, buf, SUM): what mpi4py gives anyone
   bare_iallreduce   Iallreduce + Wait of the whole buffer
-  ddtrain_blocking  MPIAllreduce.synchronize() as the allreduce path trains by default
-                    (dist.overlap=false): the non-finite check and one MPI_Allreduce
+  ddtrain_blocking  MPIAllreduce as the allreduce path trains by default (dist.overlap=false):
+                    on_grads_ready(offset) for each layer, last first (each layer's non-finite
+                    check, which training runs inside backward), then synchronize() (one
+                    MPI_Allreduce of the gradient with the step flags in its header)
+  ddtrain_sync      synchronize() alone, the layers reported before the clock starts: what the
+                    allreduce path adds after backward in training
+  nonfinite_check   the layers' reports alone (the checks ddtrain_blocking adds to ddtrain_sync)
   ddtrain_overlap   MPIAllreduce with dist.overlap=true: on_grads_ready(offset) for each layer,
                     last first (bucketed Iallreduce), then synchronize()
   shared_memory     NodeSharedMemory.synchronize() + after_update() (the default on one node:
@@ -66,19 +71,35 @@ def main() -> None:
     src, dst = np.ones_like(wire), np.empty_like(wire)
     flags = StepFlags()
 
+    def reported(sync):  # what Sequential.backward does as each layer's gradient is final
+        def report():
+            for offset in layer_starts:
+                sync.on_grads_ready(offset)
+        return report
+
+    def blocking_step():
+        reported(blocking)()
+        blocking.synchronize(flags)
+
     def overlapped():
-        for offset in layer_starts:
-            overlap.on_grads_ready(offset)
+        reported(overlap)()
         overlap.synchronize(flags)
 
+    checked = MPIAllreduce(comm, model(), overlap=False)
     methods = {
         "memcpy": lambda: np.copyto(dst, src),
         "bare_allreduce": lambda: world.Allreduce(MPI.IN_PLACE, bare, op=MPI.SUM),
         "bare_iallreduce": lambda: world.Iallreduce(MPI.IN_PLACE, bare, op=MPI.SUM).Wait(),
-        "ddtrain_blocking": lambda: blocking.synchronize(flags),
+        "ddtrain_blocking": blocking_step,
+        "ddtrain_sync": lambda: blocking.synchronize(flags),
+        "nonfinite_check": reported(checked),
         "ddtrain_overlap": overlapped,
     }
-    grads = [bare, blocking.params.grad, overlap.params.grad]
+    # Run untimed before a method: its step's earlier part (the layers' reports before
+    # ddtrain_sync), or its later one (the sync that closes the reports' step).
+    before = {"ddtrain_sync": reported(blocking)}
+    after = {"nonfinite_check": lambda: checked.synchronize(flags)}
+    grads = [bare, blocking.params.grad, overlap.params.grad, checked.params.grad]
     if comm.local_size == comm.size:
         shared = NodeSharedMemory(comm, model())
 
@@ -93,11 +114,16 @@ def main() -> None:
         for name, fn in methods.items():
             for g in grads:  # stays finite and small however often it is summed
                 g.fill(1.0 / comm.size)
+            if name in before:
+                before[name]()
             world.Barrier()
             t0 = time.perf_counter()
             fn()
+            t1 = time.perf_counter()
+            if name in after:
+                after[name]()
             if i >= 5:  # the first calls build windows and buckets
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(t1 - t0)
     slowest = {name: [max(v) for v in zip(*world.allgather(t))] for name, t in times.items()}
     if comm.rank == 0:
         med = {name: 1e6 * statistics.median(v) for name, v in slowest.items()}
