@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddtrain.backend import CPU, Backend
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -91,11 +93,11 @@ def augment_params(global_indices, seed: int, epoch: int, crop_pad: int, hflip: 
     return dy, dx, flip
 
 
-def augment(x_out, x_in, global_indices, seed: int, epoch: int, crop_pad: int, hflip: bool, xp=np,
-            fill: float = 0.0, scratch: Scratch | None = None) -> None:
+def augment(x_out, x_in, global_indices, seed: int, epoch: int, crop_pad: int, hflip: bool,
+            backend: Backend = CPU, fill: float = 0.0, scratch: Scratch | None = None) -> None:
     """x_out[n] = the (seed, epoch, global_indices[n]) crop and flip of x_in[n] (module docstring).
 
-    x_in, x_out: (N, C, H, W) float arrays of xp (x_out preallocated, not x_in); global_indices:
+    x_in, x_out: (N, C, H, W) float arrays of the backend (x_out preallocated, not x_in); global_indices:
     (N,) integers. crop_pad 0 and hflip False copy x_in unchanged. fill: the padding's value;
     torchvision pads raw pixels with 0 (black): on standardised pixels that is -mean/std.
     scratch: where every intermediate goes (`Scratch`: reused by the next call); None: new ones.
@@ -104,6 +106,7 @@ def augment(x_out, x_in, global_indices, seed: int, epoch: int, crop_pad: int, h
     is the flat position of input pixel (n, c, rows[n, r], cols[n, q]) (clipped into the image)
     and inside (N, 1, H, W) is 1 where that pixel lies inside it, 0 in the padding.
     """
+    xp = backend.xp
     n, c, h, w = x_in.shape
     if x_out.shape != x_in.shape:
         raise ValueError(f"x_out has shape {tuple(x_out.shape)}, x_in {tuple(x_in.shape)}")
@@ -140,7 +143,7 @@ def augment(x_out, x_in, global_indices, seed: int, epoch: int, crop_pad: int, h
     xp.multiply(rows, w, out=rows)
     xp.add(base[:, :, None, None], rows[:, None, :, None], out=index)
     xp.add(index, cols[:, None, None, :], out=index)
-    xp.take(x_in.reshape(-1), index, out=x_out, mode="clip")  # the default mode="raise" buffers out
+    backend.take(x_in.reshape(-1), index, out=x_out)
     xp.multiply(x_out, inside, out=x_out)
     if fill:  # + fill * (1 - inside)
         xp.subtract(1, inside, out=inside)
@@ -161,11 +164,12 @@ class Augmentation:
     `aug(x, global_indices, epoch)` returns the augmented batch (its own reused buffer), or x
     itself when the config asks for none. fill: the normalised value of a black pixel."""
 
-    def __init__(self, seed: int, crop_pad: int, hflip: bool, fill: float, xp=np):
-        self.seed, self.crop_pad, self.hflip, self.fill, self.xp = int(seed), int(crop_pad), bool(hflip), fill, xp
+    def __init__(self, seed: int, crop_pad: int, hflip: bool, fill: float, backend: Backend = CPU):
+        self.seed, self.crop_pad, self.hflip, self.fill = int(seed), int(crop_pad), bool(hflip), fill
+        self.backend, self.xp = backend, backend.xp
         self.active = self.crop_pad > 0 or self.hflip
         self._out: dict = {}
-        self._scratch = Scratch(xp)
+        self._scratch = Scratch(self.xp)
 
     def __call__(self, x, global_indices, epoch: int):
         if not self.active:
@@ -173,6 +177,6 @@ class Augmentation:
         out = self._out.get(x.shape)
         if out is None:
             out = self._out[x.shape] = self.xp.empty_like(x)
-        augment(out, x, global_indices, self.seed, epoch, self.crop_pad, self.hflip, self.xp, fill=self.fill,
+        augment(out, x, global_indices, self.seed, epoch, self.crop_pad, self.hflip, self.backend, fill=self.fill,
                 scratch=self._scratch)
         return out

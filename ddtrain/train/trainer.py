@@ -120,7 +120,7 @@ class Trainer:
         self._batch_buffers: dict[int, tuple] = {}
         # Training batches only; a pure function of (seed, epoch, sample index), on the device.
         black = 0.0 if cfg.data.normalize == "unit" else -self.data.mean / self.data.std
-        self.augment = Augmentation(cfg.train.seed, cfg.data.crop_pad, cfg.data.hflip, black, self.xp)
+        self.augment = Augmentation(cfg.train.seed, cfg.data.crop_pad, cfg.data.hflip, black, self.backend)
         self.cursor = Cursor()
         self.start_epoch_sums()
         self._metrics: MetricsLog | None = None
