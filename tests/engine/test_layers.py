@@ -237,3 +237,21 @@ def test_dropout_rejects_rows_outside_the_global_batch():
     drop.set_batch_context(BatchContext(0, 0, 8, 10))
     with pytest.raises(ValueError, match="outside the global batch"):
         drop.forward(np.ones((4, 6)), train=True)
+
+
+def test_buffer_pool_shares_row_major_arrays_along_the_batch_axis():
+    """A smaller batch gets a view of the first rows of the larger batch's array (no second
+    set of activations); a larger one replaces it; column-major arrays stay one per shape."""
+    from ddtrain.engine.layers import BufferPool, memory_order
+    pool = BufferPool()
+    big = pool.get(np, "y", (128, 4, 5, 6), np.float32, "NHWC")
+    small = pool.get(np, "y", (96, 4, 5, 6), np.float32, "NHWC")
+    assert small.shape == (96, 4, 5, 6) and np.shares_memory(big, small) and memory_order(small) == "NHWC"
+    assert pool.get(np, "y", (128, 4, 5, 6), np.float32, "NHWC") is big
+    rows = pool.get(np, "h", (16, 3), np.float32)
+    assert pool.get(np, "h", (4, 3), np.float32).flags.c_contiguous
+    larger = pool.get(np, "h", (32, 3), np.float32)
+    assert larger.shape == (32, 3) and not np.shares_memory(rows, larger)
+    f_big, f_small = pool.get(np, "z", (8, 3), np.float32, "F"), pool.get(np, "z", (4, 3), np.float32, "F")
+    assert f_small.flags.f_contiguous and not np.shares_memory(f_big, f_small)
+    assert pool.get(np, "y", (96, 4, 5, 7), np.float32, "NHWC").shape == (96, 4, 5, 7)  # other axes differ: its own
