@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ddtrain.backend import CPU, Backend
+from ddtrain.engine.layers import BufferPool
 
 _MASK64 = (1 << 64) - 1
 
@@ -35,20 +36,15 @@ class Scratch:
     `scratch.arange(n, offset)` the constant offset + arange(n) (int64), filled once."""
 
     def __init__(self, xp=np):
-        self.xp, self._arrays = xp, {}
+        self.xp, self._pool, self._ranges = xp, BufferPool(), {}
 
     def __call__(self, tag: str, shape: tuple, dtype):
-        key = (tag, tuple(shape), np.dtype(dtype))
-        a = self._arrays.get(key)
-        if a is None:
-            a = self._arrays[key] = self.xp.empty(shape, dtype)
-        return a
+        return self._pool.get(self.xp, tag, shape, dtype)
 
     def arange(self, n: int, offset: int = 0):
-        key = ("arange", n, offset)
-        a = self._arrays.get(key)
+        a = self._ranges.get((n, offset))
         if a is None:
-            a = self._arrays[key] = self.xp.arange(offset, offset + n, dtype=self.xp.int64)
+            a = self._ranges[(n, offset)] = self.xp.arange(offset, offset + n, dtype=self.xp.int64)
         return a
 
 

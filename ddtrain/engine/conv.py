@@ -160,13 +160,13 @@ class _Spatial(Layer):
         6.3 against 1.5 ms for a multiply over a (128, 32, 28, 28) batch, one core)."""
         xp, c = self.xp, x.shape[1]
         values = xp.asarray(values, dtype=x.dtype)
-        if sample_rows(x) is None or x.ndim == 2:
+        if sample_rows(x) is None:
             buf = self._buf(tag, (c,), x.dtype)
             buf[...] = values
             return buf.reshape((1, c) + (1,) * (x.ndim - 2))
         positions = math.prod(x.shape[2:])
         buf = self._buf(tag, (positions * c,), x.dtype)
-        if is_channels_last(x) and not x.flags.c_contiguous:
+        if memory_order(x) == CHANNELS_LAST:
             buf.reshape(positions, c)[...] = values
         else:
             buf.reshape(c, positions)[...] = values[:, None]

@@ -44,8 +44,10 @@ class Sequential:
             raise ConfigError(_unknown("init scheme", init, INIT_SCHEMES))
         self.layers = list(layers)
         self.run_order = self._run_order(self.layers)
-        for prev, layer in zip(self.layers, self.layers[1:]):  # Linear keeps no output: ReLU may overwrite it
-            if type(layer) is ReLU and type(prev) is Linear:
+        # A ReLU may overwrite its input: a Linear's (it keeps no output), or a MaxPool2d's when
+        # it runs after the pool (the pool's backward does not read its output).
+        for i, layer in enumerate(self.layers):
+            if type(layer) is ReLU and (self.run_order[i] != i or (i and type(self.layers[i - 1]) is Linear)):
                 layer.inplace = True
         self.in_shape = tuple(int(s) for s in in_shape)
         self.backend = backend
@@ -91,13 +93,11 @@ class Sequential:
         max commutes with any non-decreasing function, so relu(maxpool(x)) = maxpool(relu(x)),
         and the gradients agree too: where a window's max is positive its first maximum is the
         same position in x and in relu(x); where it is not, both pass 0. The ReLU then reads
-        and writes k*k times fewer values (the conv-ReLU-pool blocks of a CNN). It overwrites
-        the pool's output, which the pool's backward does not read."""
+        and writes k*k times fewer values (the conv-ReLU-pool blocks of a CNN)."""
         order = list(range(len(layers)))
         for i in range(len(layers) - 1):
             if type(layers[i]) is ReLU and type(layers[i + 1]) is MaxPool2d and order[i] == i:
                 order[i], order[i + 1] = i + 1, i
-                layers[i].inplace = True
         return order
 
     def _bind_layers(self) -> None:
