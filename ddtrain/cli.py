@@ -118,7 +118,8 @@ def _prepare_run_dir(path: Path, resume: str | None, overwrite: bool) -> None:
 @click.option("--resume", help="auto (newest valid checkpoint of --run-dir) or a checkpoint path.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --run-dir.")
 @click.option("--train-samples", type=int, help="Train on the first N training images.")
-@click.option("--threads", type=int, help="BLAS threads per rank [cores / ranks on the node].")
+@click.option("--threads", type=int, help="Threads per rank: BLAS's, or for a model with convolutions, BatchNorm "
+              "or pooling a team of workers each running BLAS on one [cores / ranks on the node].")
 @click.option("--timeout", type=float, help="Seconds a collective may take before the job aborts.")
 @click.option("--deterministic", is_flag=True, default=None,
               help="Bitwise identical weights for any number of ranks (fixed micro-shards).")
@@ -154,7 +155,10 @@ def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_d
         trainer = Trainer(cfg, comm, backend, path, data_dir=data_dir, log=log,
                           progress=sys.stdout.isatty(), tensorboard_dir=tensorboard_dir)
         trainer.faults = faults_for(cfg.chaos, comm.rank, comm.hostname)  # a drill only when asked
-        log(f"ddtrain: {comm.size} rank(s) on {trainer.backend.device}, {n_threads} BLAS thread(s) per rank"
+        team = trainer.model.team.size
+        log(f"ddtrain: {comm.size} rank(s) on {trainer.backend.device}, {n_threads} "
+            + (f"thread(s) per rank (a team of {team} running the layers' chunks, BLAS on one thread each)"
+               if team > 1 else "BLAS thread(s) per rank")
             + (f" ({DETERMINISTIC_REASON})" if cfg.dist.deterministic else "") + ", "
             f"{trainer.params.size:,} parameters, {trainer.n_train:,} training samples, "
             f"global batch {cfg.train.batch_size}, {trainer.steps_per_epoch} steps/epoch, run dir {path}")

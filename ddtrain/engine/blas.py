@@ -1,4 +1,4 @@
-"""``y = a*x + b*y`` in one pass, through the BLAS library numpy already loaded.
+"""``y = a*x + b*y`` in one pass, and the library's thread count, through the BLAS numpy loaded.
 
 Why: the optimizer's update runs over whole flat vectors (670k floats for the mlp, several MB,
 not in cache after backward), so it costs memory traffic, not arithmetic. numpy has no axpy:
@@ -18,6 +18,10 @@ it in numpy.libs/ or numpy/.dylibs/). Symbol names differ by build: scipy-openbl
 wheels) prefixes ``scipy_`` and, being ILP64, suffixes ``64_`` with 64-bit integers; plain
 OpenBLAS and MKL export ``cblas_saxpby`` with 32-bit integers. A found function is checked on
 a small vector before use; any mismatch means the ufunc path.
+
+`threads()` and `set_threads(n)` ask and set the library's own thread count (so a count set
+after start-up, e.g. with threadpoolctl, counts): `Team` (ddtrain.engine.team) runs BLAS on one
+thread per worker while its workers share the cores.
 """
 
 from __future__ import annotations
@@ -56,6 +60,47 @@ def _candidate_libraries() -> list[str]:
     for pattern in ("../numpy.libs/*openblas*", ".dylibs/*openblas*"):
         paths += [p for p in glob.glob(os.path.join(root, pattern)) if p not in paths]
     return paths
+
+
+_THREAD_SYMBOLS = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                   ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+                   ("openblas_get_num_threads", "openblas_set_num_threads"))
+_thread_functions: list = []  # [(get, set) or None], looked up once
+
+
+def _thread_control():
+    """(get, set) ctypes functions of the library's thread count, or None (no OpenBLAS found)."""
+    if not _thread_functions:
+        found = None
+        for path in _candidate_libraries():
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for get_name, set_name in _THREAD_SYMBOLS:
+                if hasattr(lib, get_name) and hasattr(lib, set_name):
+                    get, set_ = getattr(lib, get_name), getattr(lib, set_name)
+                    get.restype, get.argtypes = ctypes.c_int, []
+                    set_.restype, set_.argtypes = None, [ctypes.c_int]
+                    found = (get, set_)
+                    break
+            if found:
+                break
+        _thread_functions.append(found)
+    return _thread_functions[0]
+
+
+def threads() -> int:
+    """How many threads numpy's OpenBLAS runs a product on now (1 when it cannot be asked)."""
+    control = _thread_control()
+    return max(1, int(control[0]())) if control else 1
+
+
+def set_threads(n: int) -> None:
+    """Make numpy's OpenBLAS run products on `n` threads (a no-op when it cannot be set)."""
+    control = _thread_control()
+    if control:
+        control[1](int(n))
 
 
 def _load(kind: str, lib) -> object | None:

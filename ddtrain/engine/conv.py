@@ -19,6 +19,10 @@ p: padding, xpad: x padded with p zeros, in NHWC):
               dx otherwise: dcols = dy @ Wm^T, added back with one strided add per kernel offset.
     With one input channel the columns are stored (k*k + 1, rows), one kernel offset at a time,
     the last row ones: the bias rides in the GEMM (Wm's last row) and db comes out of dW's.
+Every chunk loop runs on the layer's `team` (ddtrain.engine.team): a chunk writes its own rows of
+the outputs, so workers never share one, except dW's sum over chunks, which each worker adds up
+in an accumulator of its own. The chunks do not depend on the team's size, so neither do the
+per-sample results (the same GEMM shapes on the same rows).
 Pooling loops over the k*k kernel offsets: each offset is one strided (N, C, Ho, Wo) view of the
 (padded) input, so every step is a ufunc over a chunk of samples; non-overlapping windows
 backpropagate as two broadcast ops on the (N, C, Ho, k, Wo, k) view of dx.
@@ -33,34 +37,6 @@ import numpy as np
 from ddtrain.engine.layers import Layer, init_weight_and_bias, memory_order
 
 CHANNELS_LAST = "NHWC"  # a BufferPool order: an (N, H, W, C) buffer seen as (N, C, H, W)
-
-_THREAD_QUERIES = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads")
-_blas_threads_fn: list = []  # [ctypes function or None], looked up once
-
-
-def blas_threads() -> int:
-    """How many threads numpy's OpenBLAS runs a product on now (1 when it cannot be asked).
-
-    Asked of the library itself (a thread count set with threadpoolctl after start-up counts),
-    found as ddtrain.engine.blas finds it."""
-    if not _blas_threads_fn:
-        import ctypes
-
-        from ddtrain.engine.blas import _candidate_libraries
-        fn = None
-        for path in _candidate_libraries():
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            fn = next((getattr(lib, name) for name in _THREAD_QUERIES if hasattr(lib, name)), None)
-            if fn is not None:
-                fn.restype, fn.argtypes = ctypes.c_int, []
-                break
-        _blas_threads_fn.append(fn)
-    fn = _blas_threads_fn[0]
-    return max(1, int(fn())) if fn is not None else 1
-
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Output length of a convolution or pooling window along one axis (floor, as PyTorch)."""
@@ -131,6 +107,7 @@ class _Spatial(Layer):
     # Element-wise work is done a few samples at a time, so that an op's output is still in
     # cache for the next op (one core's memory bandwidth, not arithmetic, limits these layers).
     SAMPLE_CHUNK_BYTES = 1 << 20
+    chunked = True  # runs chunk loops: a model with such a layer gets a team (see share_threads)
 
     def __init__(self):
         super().__init__()
@@ -144,11 +121,12 @@ class _Spatial(Layer):
     def _const(self, tag: str, shape: tuple, dtype, value, order: str = "C"):
         """A reusable buffer filled with `value` once, when made. Callers may overwrite a part of
         it every call (the interior of a padded copy) and rely on the rest staying `value`."""
-        a = self._buf(tag, shape, dtype, order)
-        key = (tag, tuple(shape), np.dtype(dtype), order)
-        if key not in self._filled:
-            a.fill(value)
-            self._filled.add(key)
+        with self._pool.lock:  # a team's workers may ask for the same one at once
+            a = self._buf(tag, shape, dtype, order)
+            key = (tag, tuple(shape), np.dtype(dtype), order)
+            if key not in self._filled:
+                a.fill(value)
+                self._filled.add(key)
         return a
 
     def _channel_vector(self, tag: str, values, x):
@@ -198,10 +176,6 @@ class Conv2d(_Spatial):
 
     CHUNK_BYTES = 1 << 20  # im2col columns per GEMM: a chunk this size stays in cache
     MIN_ROWS = 1024  # fewer GEMM rows per call than this measured slower
-    # With several BLAS threads each product is split among them, and 1 MiB chunks are too
-    # small to split well: 16x larger chunks measured best with 2 threads (cnn benchmark model,
-    # 2-core EPYC: 1,531 samples/s against 1,194; one thread: 1,055 with 1 MiB, 742 with 16 MiB).
-    THREADED_CHUNK_FACTOR = 16
 
     def __init__(self, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 0,
                  bias: bool = True):
@@ -246,9 +220,7 @@ class Conv2d(_Spatial):
     def _chunks(self, n: int, rows_per_sample: int, cols: int, itemsize: int):
         """(start, stop) sample ranges: CHUNK_BYTES of im2col columns each, at least MIN_ROWS rows."""
         rows = max(self.MIN_ROWS, self.CHUNK_BYTES // (cols * itemsize))
-        if blas_threads() > 1:
-            rows *= self.THREADED_CHUNK_FACTOR
-        step = max(1, rows // rows_per_sample)
+        step = max(1, rows // rows_per_sample)  # the same for any team size: the same rows per GEMM
         return [(a, min(n, a + step)) for a in range(0, n, step)]
 
     def _im2col(self, src, a: int, b: int, ho: int, wo: int, k: int, s: int, tag: str, step: int):
@@ -275,16 +247,16 @@ class Conv2d(_Spatial):
         return buf.reshape(step * ho * wo, k * k * c)[:rows]
 
     def forward(self, x, train):
-        """x: (N, C, H, W) any layout -> y: (N, out, Ho, Wo), channels-last."""
+        """x: (N, C, H, W) any layout -> y: (N, out, Ho, Wo), channels-last.
+
+        Per chunk of samples (on the layer's team): their padded copy, columns, GEMM, bias."""
         xp, k, s, p = self.xp, self.k, self.s, self.p
         n, c, h, w = x.shape
         co = self.out_channels
         ho, wo = conv_output_size(h, k, s, p), conv_output_size(w, k, s, p)
-        if p == 0 and is_channels_last(x):
-            src = x.transpose(0, 2, 3, 1)
-        else:
-            src = self._const("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, 0)
-            src[:, p:p + h, p:p + w, :] = x.transpose(0, 2, 3, 1)
+        xt = x.transpose(0, 2, 3, 1)
+        copy = not (p == 0 and is_channels_last(x))
+        src = self._const("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, 0) if copy else xt
         kk, fold = k * k * c, c == 1  # one channel: the columns end with ones, Wm with the bias
         wm = self._buf("wm", (co, kk + fold), x.dtype)
         wm[:, :kk].reshape(co, k, k, c)[...] = self.W.transpose(0, 2, 3, 1)  # Wm[(i, j, c), o] = W[o, c, i, j]
@@ -295,14 +267,19 @@ class Conv2d(_Spatial):
         y2 = y.transpose(0, 2, 3, 1).reshape(n * ho * wo, co)
         hw = ho * wo
         chunks = self._chunks(n, hw, kk, x.dtype.itemsize)
+        step = chunks[0][1] if chunks else 0
         add_bias = self.has_bias and not fold
-        if add_bias:
-            bias = self._channel_vector("bias", self.b, y)
-        for a, b in chunks:
-            cols = self._im2col(src, a, b, ho, wo, k, s, "cols", chunks[0][1])
+        bias = self._channel_vector("bias", self.b, y) if add_bias else None
+
+        def work(slot, a, b):
+            if copy:
+                src[a:b, p:p + h, p:p + w, :] = xt[a:b]
+            cols = self._im2col(src, a, b, ho, wo, k, s, f"cols{slot}", step)
             xp.matmul(cols, wmat, out=y2[a * hw:b * hw])
             if add_bias:
                 self.channel_op(xp.add, y[a:b], bias, y[a:b])
+
+        self.team.run(work, chunks)
         self._src, self._x_shape = src, x.shape
         return y
 
@@ -332,33 +309,46 @@ class Conv2d(_Spatial):
             direct = s == 1 and q >= 0  # dx is a convolution of dy: im2col + GEMM, no scatter
             if direct:
                 # dx[n, y, x, c] = sum_{i, j, o} dypad[n, y + i, x + j, o] * W[o, c, k-1-i, k-1-j]
-                dpad = self._const("dypad", (n, ho + 2 * q, wo + 2 * q, co), dy.dtype, 0)
-                dpad[:, q:q + ho, q:q + wo, :] = d
+                dpad = self._const("dypad", (n, ho + 2 * q, wo + 2 * q, co), dy.dtype, 0)  # filled per chunk
                 wf = self._buf("wflip", (k, k, co, c), dy.dtype)
                 wf[...] = self.W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
                 wfmat = wf.reshape(k * k * co, c)
                 dx2 = dx.transpose(0, 2, 3, 1).reshape(n * h * w, c)
         # dWm (out, K) = dy^T @ cols; one-channel columns are (K, rows) in memory, and their
-        # product is 2x faster as dWm^T = cols^T @ dy (K = k*k + 1 rows, not 9-10 columns)
+        # product is 2x faster as dWm^T = cols^T @ dy (K = k*k + 1 rows, not 9-10 columns).
+        # Each worker adds its chunks' products into its own accumulator, in chunk order.
         shape = (kk + fold, co) if fold else (co, kk)
-        acc, part = self._buf("dwm", shape, dy.dtype), self._buf("dwm-part", shape, dy.dtype)
+        slots = range(self.team.size)
+        accs = [self._buf(f"dwm{i}", shape, dy.dtype) for i in slots]
+        parts = [self._buf(f"dwm-part{i}", shape, dy.dtype) for i in slots]
+        fresh = [True for _ in slots]
         hw = ho * wo
         if direct:  # chunks sized for both the forward's columns and dy's
             chunks = self._chunks(n, max(hw, h * w), max(kk, k * k * co), dy.dtype.itemsize)
         else:
             chunks = self._chunks(n, hw, kk, dy.dtype.itemsize)
-        for a, b in chunks:
-            cols = self._im2col(self._src, a, b, ho, wo, k, s, "cols", chunks[0][1])
-            out = acc if a == 0 else part
+        step = chunks[0][1] if chunks else 0
+
+        def work(slot, a, b):
+            cols = self._im2col(self._src, a, b, ho, wo, k, s, f"cols{slot}", step)
+            out = accs[slot] if fresh[slot] else parts[slot]
             if fold:
                 xp.matmul(cols.T, d2[a * hw:b * hw], out=out)
             else:
                 xp.matmul(d2[a * hw:b * hw].T, cols, out=out)
-            if a:
-                xp.add(acc, part, out=acc)
+            if not fresh[slot]:
+                xp.add(accs[slot], out, out=accs[slot])
+            fresh[slot] = False
             if direct:
-                dcols = self._im2col(dpad, a, b, h, w, k, 1, "dcols", chunks[0][1])
+                dpad[a:b, q:q + ho, q:q + wo, :] = d[a:b]
+                dcols = self._im2col(dpad, a, b, h, w, k, 1, f"dcols{slot}", step)
                 xp.matmul(dcols, wfmat, out=dx2[a * h * w:b * h * w])
+
+        self.team.run(work, chunks)
+        acc = accs[0]
+        for i in slots[1:]:
+            if not fresh[i]:
+                xp.add(acc, accs[i], out=acc)
         if n == 0:
             acc.fill(0)
         dwm = acc.T if fold else acc
@@ -505,10 +495,12 @@ class MaxPool2d(_Pool2d):
         arg = self._buf("arg", y.shape, itype, layout)
         chunks = self._sample_chunks(n, src[:1].nbytes)
         step = chunks[0][1] - chunks[0][0]
-        wins = self._buf("wins", (step, c, ho, wo), bool, layout)
-        won = self._buf("won", (step, c, ho, wo), itype, layout)
-        for a, b in chunks:
-            src_, y_, arg_, wins_, won_ = src[a:b], y[a:b], arg[a:b], wins[:b - a], won[:b - a]
+        slots = range(self.team.size)
+        wins = [self._buf(f"wins{i}", (step, c, ho, wo), bool, layout) for i in slots]
+        won = [self._buf(f"won{i}", (step, c, ho, wo), itype, layout) for i in slots]
+
+        def work(slot, a, b):
+            src_, y_, arg_, wins_, won_ = src[a:b], y[a:b], arg[a:b], wins[slot][:b - a], won[slot][:b - a]
             arg_.fill(0)
             xp.copyto(y_, _offset_view(src_, 0, 0, ho, wo, s))
             for t in range(1, k * k):
@@ -519,6 +511,8 @@ class MaxPool2d(_Pool2d):
                 xp.multiply(wins_, won_.dtype.type(t), out=won_)
                 xp.maximum(arg_, won_, out=arg_)
                 xp.maximum(y_, v, out=y_)
+
+        self.team.run(work, chunks)
         return arg
 
     def backward(self, dy):
@@ -551,12 +545,16 @@ class MaxPool2d(_Pool2d):
             self._filled.add("offsets")
         chunks = self._sample_chunks(n, dx[:1].nbytes)
         step = chunks[0][1] - chunks[0][0]
-        mask = self._buf("mask", (step, c, ho * k, wo * k), dy.dtype, self._x_layout)
-        for a, b in chunks:
-            m6 = mask[:b - a].reshape(b - a, c, ho, k, wo, k)
+        masks = [self._buf(f"mask{i}", (step, c, ho * k, wo * k), dy.dtype, self._x_layout)
+                 for i in range(self.team.size)]
+
+        def work(slot, a, b):
+            m6 = masks[slot][:b - a].reshape(b - a, c, ho, k, wo, k)
             xp.equal(self._arg[a:b].reshape(b - a, c, ho, 1, wo, 1), offsets, out=m6, casting="unsafe")
             xp.multiply(dy[a:b].reshape(b - a, c, ho, 1, wo, 1), m6,
                         out=dx[a:b, :, :ho * k, :wo * k].reshape(b - a, c, ho, k, wo, k))
+
+        self.team.run(work, chunks)
         return dx
 
 

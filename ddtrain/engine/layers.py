@@ -25,17 +25,20 @@ Contract every layer keeps (Sequential and gradcheck rely on it):
     Fortran order (see Linear, it is faster), and element-wise layers keep the memory
     order of what they get (`_like`), so no layer pays for a transposing copy;
   * math goes through ``self.xp`` (numpy or cupy, set by Sequential from the
-    backend), with no branch per backend.
+    backend), with no branch per backend; a loop over chunks of samples goes through
+    ``self.team.run`` (set by Sequential: the process's threads on the CPU, one on a GPU).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
 from ddtrain import choices
 from ddtrain.engine.context import BatchContext
+from ddtrain.engine.team import SOLO
 
 INIT_SCHEMES = choices.INIT_SCHEMES
 
@@ -52,13 +55,18 @@ class BufferPool:
     (whose first rows are not contiguous) are kept one per shape. After the first batch of
     each size no call allocates. Orders: "C", "F", or "NHWC": an (N, H, W, C) C-contiguous
     array seen as (N, C, H, W) (the convolution layers' channels-last layout).
+    Thread-safe: a `Team`'s workers ask for their scratch arrays at the same time.
     """
 
     def __init__(self):
         self._arrays: dict = {}
+        self.lock = threading.RLock()
 
     def get(self, xp, tag: str, shape: tuple, dtype, order: str = "C"):
-        shape = tuple(shape)
+        with self.lock:
+            return self._get(xp, tag, tuple(shape), dtype, order)
+
+    def _get(self, xp, tag: str, shape: tuple, dtype, order: str):
         if order == "F" or not shape:
             key = (tag, shape, np.dtype(dtype), order)
             a = self._arrays.get(key)
@@ -92,6 +100,7 @@ class Layer:
     """Base class: no parameters, shape-preserving, a no-op batch context."""
 
     xp = np  # Sequential sets the backend's array module
+    team = SOLO  # and the threads a chunk loop runs on (ddtrain.engine.team)
     index = 0  # position in the model; Dropout seeds its masks with it
     needs_input_grad = True
 
@@ -228,18 +237,38 @@ class Linear(Layer):
     def init_params(self, rng, scheme):
         init_weight_and_bias(self, rng, scheme, fan_in=self.in_features, fan_out=self.out_features)
 
+    # A product is cut into blocks of features for the team's workers only when each block
+    # keeps this many features: below it one thread is as fast (Linear(128 -> 10)).
+    MIN_BLOCK_FEATURES = 64
+
+    def _blocks(self, features: int) -> list[tuple[int, int]]:
+        """(start, stop) ranges of `features`, one per team worker (or one for small layers)."""
+        parts = max(1, min(self.team.size, features // self.MIN_BLOCK_FEATURES))
+        edges = [features * w // parts for w in range(parts + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+
     def forward(self, x, train):
-        xp = self.xp
+        """Columns a:b of y are x @ W[a:b].T (+ b[a:b]): one product per team worker."""
+        xp, W = self.xp, self.W
         y = self._buf("y", (x.shape[0], self.out_features), x.dtype, order="F")
-        xp.matmul(x, self.W.T, out=y)
-        if self.has_bias:
-            xp.add(y, self.b, out=y)
+
+        def block(slot, a, b):
+            xp.matmul(x, W[a:b].T, out=y[:, a:b])
+            if self.has_bias:
+                xp.add(y[:, a:b], self.b[a:b], out=y[:, a:b])
+
+        self.team.run(block, self._blocks(self.out_features))
         self._x = x
         return y
 
     def backward(self, dy):
-        xp, x = self.xp, self._x
-        xp.matmul(dy.T, x, out=self.dW)
+        """dW rows a:b = dy[:, a:b].T @ x and dx columns a:b = dy @ W[:, a:b], per team worker."""
+        xp, x, W = self.xp, self._x, self.W
+
+        def weight_block(slot, a, b):
+            xp.matmul(dy[:, a:b].T, x, out=self.dW[a:b])
+
+        self.team.run(weight_block, self._blocks(self.out_features))
         if self.has_bias:
             key = (dy.shape[0], dy.dtype)
             ones = self._ones.get(key)
@@ -249,7 +278,11 @@ class Linear(Layer):
         if not self.needs_input_grad:
             return None
         dx = self._buf("dx", x.shape, dy.dtype, order="F")
-        xp.matmul(dy, self.W, out=dx)
+
+        def input_block(slot, a, b):
+            xp.matmul(dy, W[:, a:b], out=dx[:, a:b])
+
+        self.team.run(input_block, self._blocks(self.in_features))
         return dx
 
     def describe(self):

@@ -24,6 +24,7 @@ from ddtrain.engine.conv import AvgPool2d, Conv2d, MaxPool2d
 from ddtrain.engine.layers import INIT_SCHEMES, Dropout, Flatten, Layer, Linear, ReLU, Sigmoid, Tanh
 from ddtrain.engine.norm import BatchNorm1d, BatchNorm2d
 from ddtrain.engine.params import FlatParams
+from ddtrain.engine.team import share_threads
 from ddtrain.choices import unknown
 from ddtrain.errors import ConfigError
 
@@ -53,8 +54,9 @@ class Sequential:
         self.backend = backend
         self.dtype = np.dtype(dtype)
         specs, shapes, shape = [], [], self.in_shape
+        self.team = share_threads(self.layers, backend)  # who runs on this process's threads
         for i, layer in enumerate(self.layers):
-            layer.xp, layer.index = backend.xp, i
+            layer.xp, layer.team, layer.index = backend.xp, self.team, i
             try:
                 for name, pshape in layer.param_shapes(shape).items():
                     specs.append((f"{i}.{name}", tuple(pshape)))

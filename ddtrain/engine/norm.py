@@ -128,11 +128,14 @@ class _BatchNorm(_Spatial):
                 raise RuntimeError(f"{self.name}.forward(train=True) before set_batch_context(ctx): call "
                                    "model.set_batch_context each step")
             px, pxx = self._buf("px", (n, c), x.dtype), self._buf("pxx", (n, c), x.dtype)
-            sq = self._chunk_buf("sq", x, chunks)
-            for a, b in chunks:
+            sq = self._chunk_bufs("sq", x, chunks)
+
+            def sums(slot, a, b):
                 sample_sums(self, x[a:b], px[a:b], "sx")
-                xp.multiply(x[a:b], x[a:b], out=sq[:b - a])
-                sample_sums(self, sq[:b - a], pxx[a:b], "sxx")
+                xp.multiply(x[a:b], x[a:b], out=sq[slot][:b - a])
+                sample_sums(self, sq[slot][:b - a], pxx[a:b], "sxx")
+
+            self.team.run(sums, chunks)
             local = np.empty(2 * c + 1)
             local[:c], local[c:2 * c] = self._sums64(px, "px64"), self._sums64(pxx, "pxx64")
             local[2 * c] = x.size // c  # positions per channel
@@ -145,17 +148,20 @@ class _BatchNorm(_Spatial):
         scale = _to_host(self.weight).astype(np.float64) * invstd
         shift = _to_host(self.bias).astype(np.float64) - mean * scale
         scale_, shift_ = self._channel_vector("scale", scale, x), self._channel_vector("shift", shift, x)
-        for a, b in chunks:
+        def normalise(slot, a, b):
             self.channel_op(xp.multiply, x[a:b], scale_, y[a:b])
             self.channel_op(xp.add, y[a:b], shift_, y[a:b])
+
+        self.team.run(normalise, chunks)
         self._x, self._train = x, train
         self._mean, self._invstd, self._scale = mean, invstd, scale
         return y
 
-    def _chunk_buf(self, tag, x, chunks):
-        """A reused scratch array for one chunk of samples of x, in x's layout."""
+    def _chunk_bufs(self, tag, x, chunks):
+        """Per team worker, a reused scratch array for one chunk of samples of x, in x's layout."""
         step = chunks[0][1] - chunks[0][0]
-        return self._buf(tag, (step, *x.shape[1:]), x.dtype, memory_order(x))
+        return [self._buf(f"{tag}{i}", (step, *x.shape[1:]), x.dtype, memory_order(x))
+                for i in range(self.team.size)]
 
     def backward(self, dy):
         """dy: (N, C, *positions) -> dx (x's layout), or None without needs_input_grad;
@@ -166,12 +172,15 @@ class _BatchNorm(_Spatial):
             same[...] = dy
             dy = same
         chunks = self._sample_chunks(n, x[:1].nbytes)
-        tmp = self._chunk_buf("tmp", x, chunks)
+        tmp = self._chunk_bufs("tmp", x, chunks)
         pdy, pdyx = self._buf("pdy", (n, c), x.dtype), self._buf("pdyx", (n, c), x.dtype)
-        for a, b in chunks:
+
+        def sums(slot, a, b):
             sample_sums(self, dy[a:b], pdy[a:b], "sdy")
-            xp.multiply(x[a:b], dy[a:b], out=tmp[:b - a])
-            sample_sums(self, tmp[:b - a], pdyx[a:b], "sdyx")
+            xp.multiply(x[a:b], dy[a:b], out=tmp[slot][:b - a])
+            sample_sums(self, tmp[slot][:b - a], pdyx[a:b], "sdyx")
+
+        self.team.run(sums, chunks)
         sum_dy = self._sums64(pdy, "pdy64")
         # sum(dy * xhat) = invstd * (sum(dy * x) - mean * sum(dy)): one pass fewer than with x - mean
         sum_dy_xhat = (self._sums64(pdyx, "pdyx64") - self._mean * sum_dy) * self._invstd
@@ -190,11 +199,14 @@ class _BatchNorm(_Spatial):
         b_ = -a_ * self._invstd * total[c:] / count
         d_ = -a_ * total[:c] / count - b_ * self._mean
         a_, b_, d_ = (self._channel_vector(t, v, x) for t, v in (("a", a_), ("b", b_), ("d", d_)))
-        for a, b in chunks:
-            self.channel_op(xp.multiply, x[a:b], b_, tmp[:b - a])
+        def input_grad(slot, a, b):
+            t = tmp[slot][:b - a]
+            self.channel_op(xp.multiply, x[a:b], b_, t)
             self.channel_op(xp.multiply, dy[a:b], a_, dx[a:b])
-            xp.add(dx[a:b], tmp[:b - a], out=dx[a:b])
+            xp.add(dx[a:b], t, out=dx[a:b])
             self.channel_op(xp.add, dx[a:b], d_, dx[a:b])
+
+        self.team.run(input_grad, chunks)
         return dx
 
     def describe(self):

@@ -446,16 +446,20 @@ def test_cnn_configs_build_and_summary_prints_their_flops(name):
     assert f"{sum(model.flops()) / 1e6:.2f} MFLOPs per sample forward" in result.output
 
 
-@pytest.mark.parametrize("threads, first_chunk", [(1, (0, 5)), (2, (0, 83))])
-def test_conv_asks_openblas_its_threads_and_chunks_larger_with_several(threads, first_chunk):
-    """A fresh process with OPENBLAS_NUM_THREADS set: the library's own count, and the chunks it
-    gives conv2's GEMMs at batch 128 (rows of 196 positions, 288 columns)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_model_with_chunk_loops_takes_the_threads_from_blas_and_an_mlp_gives_them_back(threads):
+    """A fresh process with OPENBLAS_NUM_THREADS set: a CNN gets a team of that many workers and
+    BLAS one thread; an MLP built after it gets no team and BLAS its threads back. The chunks
+    (conv3's GEMM rows at batch 128: 49 positions, 576 columns) do not depend on the team."""
     import os
     import subprocess
     import sys
-    code = ("from ddtrain.engine.conv import Conv2d, blas_threads; "
-            "print(blas_threads(), Conv2d(64, 3, 1, 1)._chunks(128, 196, 288, 4)[0])")
+    code = ("from ddtrain.engine import blas; from ddtrain.engine.model import build_model; "
+            "from ddtrain.config import load_config; "
+            "cnn = build_model(load_config('cnn-small').model.layers, (1, 28, 28)); t = blas.threads(); "
+            "mlp = build_model(load_config('mlp').model.layers, (1, 28, 28)); "
+            "c = cnn.layers[0]._chunks(128, 49, 576, 4); print(cnn.team.size, t, mlp.team.size, blas.threads(), len(c), c[0])")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split(maxsplit=1) == [str(threads), f"{first_chunk}\n"]
+    assert out.stdout.strip() == f"{threads} 1 1 {threads} 7 (0, 20)"

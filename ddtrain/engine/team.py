@@ -1,0 +1,121 @@
+"""The threads a layer's chunk loop runs on: one process's cores shared by its own work.
+
+The convolution, BatchNorm and pooling layers work a few samples at a time, so that each
+chunk's arrays stay in one core's cache (see ddtrain.engine.conv). A `Team` of T workers runs
+those chunks T at a time: the chunk list is cut into T contiguous groups, worker w (the
+calling thread is worker 0) runs group w in order, and `run` returns when all are done.
+
+Why threads and not BLAS's own: OpenBLAS splits each product over its threads, and the
+convolutions' products are narrow (64 or 192 output channels, a few MB of im2col columns):
+on the 2-core EPYC two BLAS threads made a conv2 backward only 1.1x faster, while the
+element-wise passes around the products (BatchNorm, pooling, the im2col copies) ran on one
+core whatever the thread count. Two workers each running their chunks on a one-thread BLAS
+do the copies and the products side by side. While a team runs, BLAS is set to one thread
+(numpy releases the GIL in its loops and in BLAS, so the workers do run in parallel).
+
+What a team changes in the results: nothing for the per-sample work (each chunk computes the
+same rows whichever worker runs it); a sum over chunks (Conv2d's weight gradient) is added
+per worker in chunk order and then over the workers, so its rounding depends on T (fixed T:
+the same every run). `--deterministic` runs one thread, a team of 1: the plain loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from ddtrain.engine import blas
+
+
+def split(chunks: Sequence, parts: int) -> list[list]:
+    """`chunks` cut into at most `parts` contiguous groups, sizes differing by at most one."""
+    parts = max(1, min(parts, len(chunks)))
+    size, extra = divmod(len(chunks), parts)
+    groups, start = [], 0
+    for w in range(parts):
+        stop = start + size + (w < extra)
+        groups.append(list(chunks[start:stop]))
+        start = stop
+    return groups
+
+
+class Team:
+    """`size` workers for a layer's chunk loop (size 1: the plain loop, in the calling thread)."""
+
+    def __init__(self, size: int = 1):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"a team needs a positive number of workers, not {size!r}")
+        self.size = size
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[int, int, int], None], chunks: Sequence[tuple[int, int]]) -> None:
+        """work(slot, start, stop) for every (start, stop) of `chunks`; slot is the worker's
+        index (0 <= slot < size), so a worker can own its scratch buffers. Each worker runs its
+        group in order. The first exception of any worker is raised after all have stopped."""
+        groups = split(chunks, self.size)
+        if len(groups) == 1:
+            for a, b in groups[0]:
+                work(0, a, b)
+            return
+        executor = self._workers()
+        before = blas.threads()
+        blas.set_threads(1)
+        try:
+            futures = [executor.submit(_run_group, work, w, g) for w, g in enumerate(groups[1:], 1)]
+            error = None
+            try:
+                _run_group(work, 0, groups[0])
+            except BaseException as e:  # wait for the others before raising: they use the buffers
+                error = e
+            for f in futures:
+                try:
+                    f.result()
+                except BaseException as e:
+                    error = error or e
+            if error is not None:
+                raise error
+        finally:
+            blas.set_threads(before)
+
+    def _workers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.size - 1, thread_name_prefix="ddtrain-team")
+            return self._executor
+
+    def __repr__(self) -> str:
+        return f"Team({self.size})"
+
+
+def _run_group(work, slot: int, group) -> None:
+    for a, b in group:
+        work(slot, a, b)
+
+
+SOLO = Team(1)
+_process_threads: list[int] = []  # the thread count configured for this process, remembered
+
+
+def share_threads(layers, backend) -> Team:
+    """Give this process's threads (what BLAS was set to, see configure_threads) to BLAS or to a
+    team, for a model of `layers`, and return the team its layers run their chunk loops on.
+
+    A model of products and element-wise layers (an MLP) gets BLAS's threads: OpenBLAS splits
+    each product and keeps its threads spinning between calls (a team's hand-off costs 30-70 us
+    on a VM, about a tenth of a product at batch 64). A model with chunk loops (convolution,
+    BatchNorm, pooling: `Layer.chunked`) gets a team, and BLAS one thread per worker: 1.17x a
+    step of the cnn recipe over two BLAS threads (1.38x over one; 2-core EPYC, paired), where
+    BLAS's threads, left spinning, would take the second core from the team's worker.
+    A GPU queues its work on one stream: a team of 1. The last model built sets BLAS."""
+    if backend.is_gpu:
+        return SOLO
+    if not _process_threads:
+        _process_threads.append(blas.threads())
+    n = _process_threads[0]
+    if n > 1 and any(getattr(layer, "chunked", False) for layer in layers):
+        blas.set_threads(1)
+        return Team(n)
+    blas.set_threads(n)
+    return SOLO
