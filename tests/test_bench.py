@@ -115,6 +115,20 @@ def test_quick_cnn_section(tmp_path):
     assert "issue" not in table.lower()
 
 
+def test_cnn_script_on_two_threads_runs_ddtrain_on_a_team_of_two_and_torch_on_two(tmp_path):
+    """`python -m ddtrain.benchmarks.cnn --threads 2`: the threads are set before numpy loads,
+    both sides run on them, and the table and JSON say so."""
+    out = tmp_path / "cnn.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([PYTHON, "-m", "ddtrain.benchmarks.cnn", "--threads", "2", "--rounds", "1", "--steps", "1",
+                           "--models", "cnn-bn", "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("2 threads (ddtrain: a team of 2; torch.set_num_threads(2))")
+    result = json.loads(out.read_text())
+    assert result["threads"] == 2 and result["blas_threads_at_start"] == 2  # set over the environment's 1
+    assert positive(result["results"][0]["ddtrain"]["median"]) and positive(result["results"][0]["torch"]["median"])
+
+
 def test_cnn_section_without_torch_reports_the_reason(tmp_path, monkeypatch):
     """No torch: ddtrain alone (the script's --no-torch), the reason in the result and the table."""
     import ddtrain.bench as bench

@@ -1,7 +1,7 @@
-"""ddtrain's convolution layers against PyTorch on two FashionMNIST CNNs, one BLAS thread.
+"""ddtrain's convolution layers against PyTorch on two FashionMNIST CNNs, one thread (or --threads).
 
 usage: python -m ddtrain.benchmarks.cnn [--rounds 7] [--steps 10] [--batch 128] [--models cnn,cnn-bn]
-                                        [--no-torch] [--json out.json]
+                                        [--threads 1] [--no-torch] [--json out.json]
 
 `ddtrain bench --sections cnn` runs this script (one process, one BLAS thread) and reads its --json.
 
@@ -22,6 +22,8 @@ counts forward, the weight gradients and the input gradients backward needs (2 F
 multiply-add). The per-layer profile is ddtrain's forward and backward time per layer, median
 over rounds, from a separate layer-by-layer step. The load average before and after is printed:
 on a shared machine every figure moves with it (the ratio much less, as rounds alternate).
+--threads T runs both on T threads, as training would: ddtrain's chunk loops on a team of T
+workers (ddtrain.engine.team), torch.set_num_threads(T); the limit is then T cores' sgemm.
 """
 
 from __future__ import annotations
@@ -30,9 +32,23 @@ import os
 
 from ddtrain.parallel.threads import THREAD_VARS  # imports no numpy
 
-if __name__ == "__main__":  # one thread, before numpy and torch load their BLAS (not when imported)
+
+def _threads_asked(argv: list[str]) -> int:
+    """--threads from the command line (read before numpy loads, which fixes BLAS's count)."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+THREADS = 1
+if __name__ == "__main__":  # the thread count, before numpy and torch load their BLAS (not when imported)
+    import sys
+    THREADS = _threads_asked(sys.argv[1:])
     for _var in THREAD_VARS:
-        os.environ[_var] = "1"
+        os.environ[_var] = str(THREADS)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -161,7 +177,7 @@ class DDTrainRun:
 class TorchRun:
     def __init__(self, specs, state, x, y):
         import torch
-        torch.set_num_threads(1)
+        torch.set_num_threads(THREADS)
         self.torch = torch
         self.model = torch_model(specs, IN_SHAPE)
         self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
@@ -210,7 +226,10 @@ def measure(name: str, rounds: int, steps: int, batch: int, with_torch: bool = T
 
 
 def render(results: list[dict], sgemm: float) -> str:
-    lines = [f"one BLAS thread; sgemm {sgemm / 1e9:.1f} GFLOP/s (2048^3, best of 5); samples/s: median [min, max]", ""]
+    threads = (f"{THREADS} threads (ddtrain: a team of {THREADS}; torch.set_num_threads({THREADS}))"
+               if THREADS > 1 else "one BLAS thread")
+    lines = [f"{threads}; sgemm {sgemm / 1e9:.1f} GFLOP/s (2048^3 on {THREADS} thread(s), best of 5); "
+             f"samples/s: median [min, max]", ""]
     head = f"{'model':<8} {'MFLOP/sample':>12} {'limit':>7} {'ddtrain':>22} {'torch':>22} {'ratio':>6} {'of limit':>8}"
     lines += [head, "-" * len(head)]
     for r in results:
@@ -239,6 +258,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--models", default="cnn,cnn-bn", help="comma-separated: cnn, cnn-bn")
+    p.add_argument("--threads", type=int, default=1, help="threads for both (read before numpy loads)")
     p.add_argument("--no-torch", action="store_true", help="ddtrain only (no torch installed)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -247,6 +267,8 @@ def main() -> None:
         if importlib.util.find_spec("torch") is None:
             p.error("torch is not installed: pip install torch, or pass --no-torch for ddtrain alone")
     load_before = os.getloadavg()
+    from ddtrain.engine import blas
+    blas_threads = blas.threads()  # what the environment set before numpy loaded (models then take them)
     sgemm = sgemm_rate()
     results = [measure(m, args.rounds, args.steps, args.batch, not args.no_torch) for m in args.models.split(",")]
     load_after = os.getloadavg()
@@ -255,7 +277,7 @@ def main() -> None:
           f"after {', '.join(f'{v:.2f}' for v in load_after)} (on {os.cpu_count()} cores)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"sgemm_flops": sgemm, "loadavg_before": load_before, "loadavg_after": load_after,
+            json.dump({"threads": THREADS, "blas_threads_at_start": blas_threads, "sgemm_flops": sgemm, "loadavg_before": load_before, "loadavg_after": load_after,
                        "results": results}, f, indent=1)
 
 

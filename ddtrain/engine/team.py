@@ -54,11 +54,11 @@ class Team:
         """work(slot, start, stop) for every (start, stop) of `chunks`; slot is the worker's
         index (0 <= slot < size), so a worker can own its scratch buffers. Each worker runs its
         group in order. The first exception of any worker is raised after all have stopped."""
-        groups = split(chunks, self.size)
-        if len(groups) == 1:
-            for a, b in groups[0]:
+        if self.size == 1 or len(chunks) < 2:
+            for a, b in chunks:
                 work(0, a, b)
             return
+        groups = split(chunks, self.size)
         executor = self._workers()
         before = blas.threads()
         blas.set_threads(1)
