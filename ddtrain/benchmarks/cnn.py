@@ -212,9 +212,11 @@ def measure(name: str, rounds: int, steps: int, batch: int, with_torch: bool = T
     profiles = []
     for _ in range(rounds):
         rates["ddtrain"].append(rate(ours, steps, batch))
+        # right after ddtrain's own steps: after torch's, its OpenMP threads (with --threads > 1)
+        # still spin for a while and slow the profile's first layers
+        profiles.append(ours.layer_times())
         if theirs is not None:
             rates["torch"].append(rate(theirs, steps, batch))
-        profiles.append(ours.layer_times())
     per_layer = [{"layer": layer.describe(),
                   "forward_ms": 1e3 * statistics.median(p[i][0] for p in profiles),
                   "backward_ms": 1e3 * statistics.median(p[i][1] for p in profiles)}
