@@ -28,29 +28,30 @@ workers (ddtrain.engine.team), torch.set_num_threads(T); the limit is then T cor
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from ddtrain.parallel.threads import THREAD_VARS  # imports no numpy
 
 
-def _threads_asked(argv: list[str]) -> int:
-    """--threads from the command line (read before numpy loads, which fixes BLAS's count)."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return 1
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--models", default="cnn,cnn-bn", help="comma-separated: cnn, cnn-bn")
+    p.add_argument("--threads", type=int, default=1, help="threads for both (read before numpy loads)")
+    p.add_argument("--no-torch", action="store_true", help="ddtrain only (no torch installed)")
+    p.add_argument("--json", help="also write the results here")
+    return p
 
 
 THREADS = 1
 if __name__ == "__main__":  # the thread count, before numpy and torch load their BLAS (not when imported)
-    import sys
-    THREADS = _threads_asked(sys.argv[1:])
+    THREADS = parser().parse_known_args()[0].threads
     for _var in THREAD_VARS:
         os.environ[_var] = str(THREADS)
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -255,14 +256,7 @@ def render(results: list[dict], sgemm: float) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--models", default="cnn,cnn-bn", help="comma-separated: cnn, cnn-bn")
-    p.add_argument("--threads", type=int, default=1, help="threads for both (read before numpy loads)")
-    p.add_argument("--no-torch", action="store_true", help="ddtrain only (no torch installed)")
-    p.add_argument("--json", help="also write the results here")
+    p = parser()
     args = p.parse_args()
     if not args.no_torch:
         import importlib.util
@@ -279,8 +273,8 @@ def main() -> None:
           f"after {', '.join(f'{v:.2f}' for v in load_after)} (on {os.cpu_count()} cores)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": THREADS, "blas_threads_at_start": blas_threads, "sgemm_flops": sgemm, "loadavg_before": load_before, "loadavg_after": load_after,
-                       "results": results}, f, indent=1)
+            json.dump({"threads": THREADS, "blas_threads_at_start": blas_threads, "sgemm_flops": sgemm,
+                       "loadavg_before": load_before, "loadavg_after": load_after, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,15 @@ def _candidate_libraries() -> list[str]:
     return paths
 
 
+def _open_libraries():
+    """Each candidate library that loads, as a ctypes.CDLL, in `_candidate_libraries` order."""
+    for path in _candidate_libraries():
+        try:
+            yield ctypes.CDLL(path)
+        except OSError:
+            continue
+
+
 _THREAD_SYMBOLS = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
                    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
                    ("openblas_get_num_threads", "openblas_set_num_threads"))
@@ -72,11 +81,7 @@ def _thread_control():
     """(get, set) ctypes functions of the library's thread count, or None (no OpenBLAS found)."""
     if not _thread_functions:
         found = None
-        for path in _candidate_libraries():
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
+        for lib in _open_libraries():
             for get_name, set_name in _THREAD_SYMBOLS:
                 if hasattr(lib, get_name) and hasattr(lib, set_name):
                     get, set_ = getattr(lib, get_name), getattr(lib, set_name)
@@ -121,11 +126,7 @@ def _load(kind: str, lib) -> object | None:
 
 def _find() -> dict:
     found = {}
-    for path in _candidate_libraries():
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+    for lib in _open_libraries():
         for kind, dtype in (("s", np.float32), ("d", np.float64)):
             fn = _load(kind, lib)
             if fn is not None and np.dtype(dtype) not in found:

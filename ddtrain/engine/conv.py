@@ -318,10 +318,8 @@ class Conv2d(_Spatial):
         # product is 2x faster as dWm^T = cols^T @ dy (K = k*k + 1 rows, not 9-10 columns).
         # Each worker adds its chunks' products into its own accumulator, in chunk order.
         shape = (kk + fold, co) if fold else (co, kk)
-        slots = range(self.team.size)
-        accs = [self._buf(f"dwm{i}", shape, dy.dtype) for i in slots]
-        parts = [self._buf(f"dwm-part{i}", shape, dy.dtype) for i in slots]
-        fresh = [True for _ in slots]
+        accs, parts = self._slot_bufs("dwm", shape, dy.dtype), self._slot_bufs("dwm-part", shape, dy.dtype)
+        fresh = [True] * self.team.size
         hw = ho * wo
         if direct:  # chunks sized for both the forward's columns and dy's
             chunks = self._chunks(n, max(hw, h * w), max(kk, k * k * co), dy.dtype.itemsize)
@@ -346,9 +344,9 @@ class Conv2d(_Spatial):
 
         self.team.run(work, chunks)
         acc = accs[0]
-        for i in slots[1:]:
-            if not fresh[i]:
-                xp.add(acc, accs[i], out=acc)
+        for other, unused in zip(accs[1:], fresh[1:]):
+            if not unused:
+                xp.add(acc, other, out=acc)
         if n == 0:
             acc.fill(0)
         dwm = acc.T if fold else acc
@@ -495,9 +493,8 @@ class MaxPool2d(_Pool2d):
         arg = self._buf("arg", y.shape, itype, layout)
         chunks = self._sample_chunks(n, src[:1].nbytes)
         step = chunks[0][1] - chunks[0][0]
-        slots = range(self.team.size)
-        wins = [self._buf(f"wins{i}", (step, c, ho, wo), bool, layout) for i in slots]
-        won = [self._buf(f"won{i}", (step, c, ho, wo), itype, layout) for i in slots]
+        wins = self._slot_bufs("wins", (step, c, ho, wo), bool, layout)
+        won = self._slot_bufs("won", (step, c, ho, wo), itype, layout)
 
         def work(slot, a, b):
             src_, y_, arg_, wins_, won_ = src[a:b], y[a:b], arg[a:b], wins[slot][:b - a], won[slot][:b - a]
@@ -545,8 +542,7 @@ class MaxPool2d(_Pool2d):
             self._filled.add("offsets")
         chunks = self._sample_chunks(n, dx[:1].nbytes)
         step = chunks[0][1] - chunks[0][0]
-        masks = [self._buf(f"mask{i}", (step, c, ho * k, wo * k), dy.dtype, self._x_layout)
-                 for i in range(self.team.size)]
+        masks = self._slot_bufs("mask", (step, c, ho * k, wo * k), dy.dtype, self._x_layout)
 
         def work(slot, a, b):
             m6 = masks[slot][:b - a].reshape(b - a, c, ho, k, wo, k)

@@ -154,6 +154,10 @@ class Layer:
         """This layer's reusable device array for (tag, shape, dtype, memory order)."""
         return self._pool.get(self.xp, tag, shape, dtype, order)
 
+    def _slot_bufs(self, tag: str, shape: tuple, dtype, order: str = "C") -> list:
+        """One `_buf` per team worker (tags suffixed with the slot): a worker's own scratch."""
+        return [self._buf(f"{tag}{i}", shape, dtype, order) for i in range(self.team.size)]
+
     def _like(self, tag: str, a, dtype=None):
         """A reusable buffer of `a`'s shape and memory order (element-wise ops then run in
         memory order on every operand), of `dtype` or a's dtype."""

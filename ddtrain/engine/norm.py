@@ -148,6 +148,7 @@ class _BatchNorm(_Spatial):
         scale = _to_host(self.weight).astype(np.float64) * invstd
         shift = _to_host(self.bias).astype(np.float64) - mean * scale
         scale_, shift_ = self._channel_vector("scale", scale, x), self._channel_vector("shift", shift, x)
+
         def normalise(slot, a, b):
             self.channel_op(xp.multiply, x[a:b], scale_, y[a:b])
             self.channel_op(xp.add, y[a:b], shift_, y[a:b])
@@ -160,8 +161,7 @@ class _BatchNorm(_Spatial):
     def _chunk_bufs(self, tag, x, chunks):
         """Per team worker, a reused scratch array for one chunk of samples of x, in x's layout."""
         step = chunks[0][1] - chunks[0][0]
-        return [self._buf(f"{tag}{i}", (step, *x.shape[1:]), x.dtype, memory_order(x))
-                for i in range(self.team.size)]
+        return self._slot_bufs(tag, (step, *x.shape[1:]), x.dtype, memory_order(x))
 
     def backward(self, dy):
         """dy: (N, C, *positions) -> dx (x's layout), or None without needs_input_grad;
@@ -199,6 +199,7 @@ class _BatchNorm(_Spatial):
         b_ = -a_ * self._invstd * total[c:] / count
         d_ = -a_ * total[:c] / count - b_ * self._mean
         a_, b_, d_ = (self._channel_vector(t, v, x) for t, v in (("a", a_), ("b", b_), ("d", d_)))
+
         def input_grad(slot, a, b):
             t = tmp[slot][:b - a]
             self.channel_op(xp.multiply, x[a:b], b_, t)

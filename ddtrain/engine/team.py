@@ -21,7 +21,6 @@ the same every run). `--deterministic` runs one thread, a team of 1: the plain l
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,8 +46,8 @@ class Team:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"a team needs a positive number of workers, not {size!r}")
         self.size = size
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        # workers beyond the caller; their threads start on the first run
+        self._executor = ThreadPoolExecutor(size - 1, thread_name_prefix="ddtrain-team") if size > 1 else None
 
     def run(self, work: Callable[[int, int, int], None], chunks: Sequence[tuple[int, int]]) -> None:
         """work(slot, start, stop) for every (start, stop) of `chunks`; slot is the worker's
@@ -59,11 +58,10 @@ class Team:
                 work(0, a, b)
             return
         groups = split(chunks, self.size)
-        executor = self._workers()
         before = blas.threads()
         blas.set_threads(1)
         try:
-            futures = [executor.submit(_run_group, work, w, g) for w, g in enumerate(groups[1:], 1)]
+            futures = [self._executor.submit(_run_group, work, w, g) for w, g in enumerate(groups[1:], 1)]
             error = None
             try:
                 _run_group(work, 0, groups[0])
@@ -78,12 +76,6 @@ class Team:
                 raise error
         finally:
             blas.set_threads(before)
-
-    def _workers(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.size - 1, thread_name_prefix="ddtrain-team")
-            return self._executor
 
     def __repr__(self) -> str:
         return f"Team({self.size})"
