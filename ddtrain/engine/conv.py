@@ -20,9 +20,9 @@ p: padding, xpad: x padded with p zeros, in NHWC):
     With one input channel the columns are stored (k*k + 1, rows), one kernel offset at a time,
     the last row ones: the bias rides in the GEMM (Wm's last row) and db comes out of dW's.
 Every chunk loop runs on the layer's `team` (ddtrain.engine.team): a chunk writes its own rows of
-the outputs, so workers never share one, except dW's sum over chunks, which each worker adds up
-in an accumulator of its own. The chunks do not depend on the team's size, so neither do the
-per-sample results (the same GEMM shapes on the same rows).
+the outputs, so workers never share one; dW's sum over chunks is added up in chunk order after
+the chunks' products are made. The chunks do not depend on the team's size, so neither does any
+result (the same GEMM shapes on the same rows, the same sums in the same order).
 Pooling loops over the k*k kernel offsets: each offset is one strided (N, C, Ho, Wo) view of the
 (padded) input, so every step is a ufunc over a chunk of samples; non-overlapping windows
 backpropagate as two broadcast ops on the (N, C, Ho, k, Wo, k) view of dx.
@@ -316,37 +316,33 @@ class Conv2d(_Spatial):
                 dx2 = dx.transpose(0, 2, 3, 1).reshape(n * h * w, c)
         # dWm (out, K) = dy^T @ cols; one-channel columns are (K, rows) in memory, and their
         # product is 2x faster as dWm^T = cols^T @ dy (K = k*k + 1 rows, not 9-10 columns).
-        # Each worker adds its chunks' products into its own accumulator, in chunk order.
+        # Each chunk's product goes into a buffer of its own, and they are added up in chunk
+        # order afterwards: the same sum, bit for bit, whichever worker made each product.
         shape = (kk + fold, co) if fold else (co, kk)
-        accs, parts = self._slot_bufs("dwm", shape, dy.dtype), self._slot_bufs("dwm-part", shape, dy.dtype)
-        fresh = [True] * self.team.size
         hw = ho * wo
         if direct:  # chunks sized for both the forward's columns and dy's
             chunks = self._chunks(n, max(hw, h * w), max(kk, k * k * co), dy.dtype.itemsize)
         else:
             chunks = self._chunks(n, hw, kk, dy.dtype.itemsize)
         step = chunks[0][1] if chunks else 0
+        parts = [self._buf(f"dwm{i}", shape, dy.dtype) for i in range(max(1, len(chunks)))]
 
         def work(slot, a, b):
             cols = self._im2col(self._src, a, b, ho, wo, k, s, f"cols{slot}", step)
-            out = accs[slot] if fresh[slot] else parts[slot]
+            out = parts[a // step]
             if fold:
                 xp.matmul(cols.T, d2[a * hw:b * hw], out=out)
             else:
                 xp.matmul(d2[a * hw:b * hw].T, cols, out=out)
-            if not fresh[slot]:
-                xp.add(accs[slot], out, out=accs[slot])
-            fresh[slot] = False
             if direct:
                 dpad[a:b, q:q + ho, q:q + wo, :] = d[a:b]
                 dcols = self._im2col(dpad, a, b, h, w, k, 1, f"dcols{slot}", step)
                 xp.matmul(dcols, wfmat, out=dx2[a * h * w:b * h * w])
 
         self.team.run(work, chunks)
-        acc = accs[0]
-        for other, unused in zip(accs[1:], fresh[1:]):
-            if not unused:
-                xp.add(acc, other, out=acc)
+        acc = parts[0]
+        for part in parts[1:]:
+            xp.add(acc, part, out=acc)
         if n == 0:
             acc.fill(0)
         dwm = acc.T if fold else acc

@@ -13,10 +13,10 @@ core whatever the thread count. Two workers each running their chunks on a one-t
 do the copies and the products side by side. While a team runs, BLAS is set to one thread
 (numpy releases the GIL in its loops and in BLAS, so the workers do run in parallel).
 
-What a team changes in the results: nothing for the per-sample work (each chunk computes the
-same rows whichever worker runs it); a sum over chunks (Conv2d's weight gradient) is added
-per worker in chunk order and then over the workers, so its rounding depends on T (fixed T:
-the same every run). `--deterministic` runs one thread, a team of 1: the plain loop.
+What a team changes in the results: nothing. Each chunk computes the same rows whichever
+worker runs it, and a sum over chunks (Conv2d's weight gradient) is added up in chunk order
+once every chunk is done, so a run on T threads gives bitwise the weights of one thread.
+`--deterministic` runs one thread, a team of 1: the plain loop.
 """
 
 from __future__ import annotations

@@ -86,11 +86,10 @@ def _step(specs, team_size, batch=37, seed=0):
 
 @pytest.mark.parametrize("name", ["cnn-small", "cnn", "bench-cnn-bn"])
 def test_a_team_of_two_computes_what_one_thread_does(name):
-    """Per-sample results (logits, the input gradient) are the same bits: each chunk computes
-    the same rows whichever worker runs it. Weight gradients are sums over chunks, added per
-    worker and then over the workers: equal to float32 rounding."""
+    """The same bits: each chunk computes the same rows whichever worker runs it, and weight
+    gradients (sums over chunks) are added up in chunk order after the chunks are done."""
     specs = bench_layers(batchnorm=True) if name == "bench-cnn-bn" else load_config(name).model.layers
     one, two = _step(specs, 1), _step(specs, 2)
     np.testing.assert_array_equal(one[0], two[0])
     np.testing.assert_array_equal(one[1], two[1])
-    np.testing.assert_allclose(one[2], two[2], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(one[2], two[2])

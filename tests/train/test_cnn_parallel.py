@@ -96,3 +96,12 @@ def test_deterministic_stopped_on_two_ranks_resumes_bitwise_on_one(deterministic
     assert p.returncode != 0
     train(tmp_path, "--deterministic", "--resume", "auto")
     assert summary(tmp_path)["param_sha256"] == summary(deterministic_one)["param_sha256"]
+
+
+def test_two_threads_train_the_same_weights_as_one(one, tmp_path):
+    """One process on a team of 2 threads: every product and sum is the one-thread one, so the
+    whole run (46 steps, evaluation, checkpoint) ends with bitwise the same weights."""
+    p = train(tmp_path, "--threads", "2")
+    assert "2 thread(s) per rank (a team of 2" in p.stdout
+    assert summary(tmp_path)["param_sha256"] == summary(one)["param_sha256"]
+    assert step_losses(tmp_path) == step_losses(one)
