@@ -22,6 +22,8 @@ counts forward, the weight gradients and the input gradients backward needs (2 F
 multiply-add). The per-layer profile is ddtrain's forward and backward time per layer, median
 over rounds, from a separate layer-by-layer step. The load average before and after is printed:
 on a shared machine every figure moves with it (the ratio much less, as rounds alternate).
+ddtrain's pool and BatchNorm loops are numba's where it is installed (DDTRAIN_KERNELS=numpy for the array
+ops; ddtrain.engine.kernels); the header says which ran.
 --threads T runs both on T threads, as training would: ddtrain's chunk loops on a team of T
 workers (ddtrain.engine.team), torch.set_num_threads(T); the limit is then T cores' sgemm.
 """
@@ -59,6 +61,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddtrain.engine.context import single_batch  # noqa: E402
+from ddtrain.engine.kernels import for_array_module  # noqa: E402
 from ddtrain.engine.losses import make_loss  # noqa: E402
 from ddtrain.engine.model import build_model  # noqa: E402
 from ddtrain.engine.optim import make_optimizer  # noqa: E402
@@ -231,8 +234,8 @@ def measure(name: str, rounds: int, steps: int, batch: int, with_torch: bool = T
 def render(results: list[dict], sgemm: float) -> str:
     threads = (f"{THREADS} threads (ddtrain: a team of {THREADS}; torch.set_num_threads({THREADS}))"
                if THREADS > 1 else "one BLAS thread")
-    lines = [f"{threads}; sgemm {sgemm / 1e9:.1f} GFLOP/s (2048^3 on {THREADS} thread(s), best of 5); "
-             f"samples/s: median [min, max]", ""]
+    lines = [f"{threads}; pool/BatchNorm loops: {for_array_module(np).name}; sgemm {sgemm / 1e9:.1f} GFLOP/s "
+             f"(2048^3 on {THREADS} thread(s), best of 5); samples/s: median [min, max]", ""]
     head = f"{'model':<8} {'MFLOP/sample':>12} {'limit':>7} {'ddtrain':>22} {'torch':>22} {'ratio':>6} {'of limit':>8}"
     lines += [head, "-" * len(head)]
     for r in results:
@@ -274,6 +277,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": THREADS, "blas_threads_at_start": blas_threads, "sgemm_flops": sgemm,
+                       "pool_batchnorm_loops": for_array_module(np).name,
                        "loadavg_before": load_before, "loadavg_after": load_after, "results": results}, f, indent=1)
 
 

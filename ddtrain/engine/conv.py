@@ -34,6 +34,7 @@ import math
 
 import numpy as np
 
+from ddtrain.engine.kernels import for_array_module, offset_view
 from ddtrain.engine.layers import Layer, init_weight_and_bias, memory_order
 
 CHANNELS_LAST = "NHWC"  # a BufferPool order: an (N, H, W, C) buffer seen as (N, C, H, W)
@@ -46,11 +47,6 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 def is_channels_last(a) -> bool:
     """Whether the (N, C, H, W) array `a` is an (N, H, W, C) C-contiguous buffer seen transposed."""
     return a.ndim == 4 and a.transpose(0, 2, 3, 1).flags.c_contiguous
-
-
-def _offset_view(a, i: int, j: int, ho: int, wo: int, s: int):
-    """The (N, C, Ho, Wo) strided view a[:, :, i + s*ho, j + s*wo] of an (N, C, H, W) array."""
-    return a[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
 
 
 def sample_rows(a):
@@ -112,6 +108,11 @@ class _Spatial(Layer):
     def __init__(self):
         super().__init__()
         self._filled: set = set()
+
+    @property
+    def kernels(self):
+        """The element-wise loops this layer calls (ddtrain.engine.kernels), one choice per process."""
+        return for_array_module(self.xp)
 
     def _sample_chunks(self, n: int, per_sample_bytes: int) -> list[tuple[int, int]]:
         """(start, stop) ranges of samples holding about SAMPLE_CHUNK_BYTES of one array each."""
@@ -436,7 +437,7 @@ class _Pool2d(_Spatial):
             tmp = self._buf("share", dy.shape, dy.dtype, self._x_layout)
         for i in range(k):
             for j in range(k):
-                view = _offset_view(dxp, i, j, ho, wo, s)
+                view = offset_view(dxp, i, j, ho, wo, s)
                 if tiles:
                     contributions(i * k + j, view)
                 else:
@@ -456,97 +457,34 @@ class MaxPool2d(_Pool2d):
     x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = floor((H + 2p - k) / s) + 1, in x's layout.
     In training keeps which offset of each window won (uint8; on a tie the first in row-major
     window order, as PyTorch): dx gets dy at that input position, 0 elsewhere (summed where
-    windows overlap).
+    windows overlap). The loops are `kernels` (ddtrain.engine.kernels: numba where installed,
+    else array-module ops; the same results).
     """
 
     name = "MaxPool2d"
     pad_value = -np.inf
 
     def forward(self, x, train):
-        xp, k, s = self.xp, self.k, self.s
         n, c, h, w = x.shape
-        ho, wo = conv_output_size(h, k, s, self.p), conv_output_size(w, k, s, self.p)
-        src = self._padded_input(x)
-        layout = self._layout(x)
-        y = self._buf("y", (n, c, ho, wo), x.dtype, layout)
-        self._x_shape, self._x_layout, self._src = x.shape, layout, src
-        if train:
-            self._arg = self._argmax(src, y)
-            return y
-        xp.copyto(y, _offset_view(src, 0, 0, ho, wo, s))
-        for t in range(1, k * k):
-            xp.maximum(y, _offset_view(src, t // k, t % k, ho, wo, s), out=y)
-        self._arg = None
+        k, s, p = self.k, self.s, self.p
+        ho, wo = conv_output_size(h, k, s, p), conv_output_size(w, k, s, p)
+        self._x_shape, self._x_layout, self._x = x.shape, self._layout(x), x
+        y = self._buf("y", (n, c, ho, wo), x.dtype, self._x_layout)
+        self._arg = self._buf("arg", y.shape, self._arg_dtype(), self._x_layout) if train else None
+        self.kernels.max_pool(self, x, y, self._arg)
         return y
 
-    def _argmax(self, src, y):
-        """Fill y with the window maxima of src and return which offset won each (uint8),
-        a few samples at a time (their input rows stay in cache across the k*k offsets)."""
-        xp, k, s = self.xp, self.k, self.s
-        n, c, ho, wo = y.shape
-        layout = self._x_layout
-        itype = np.uint8 if k * k < 256 else np.int32
-        arg = self._buf("arg", y.shape, itype, layout)
-        chunks = self._sample_chunks(n, src[:1].nbytes)
-        step = chunks[0][1] - chunks[0][0]
-        wins = self._slot_bufs("wins", (step, c, ho, wo), bool, layout)
-        won = self._slot_bufs("won", (step, c, ho, wo), itype, layout)
-
-        def work(slot, a, b):
-            src_, y_, arg_, wins_, won_ = src[a:b], y[a:b], arg[a:b], wins[slot][:b - a], won[slot][:b - a]
-            arg_.fill(0)
-            xp.copyto(y_, _offset_view(src_, 0, 0, ho, wo, s))
-            for t in range(1, k * k):
-                v = _offset_view(src_, t // k, t % k, ho, wo, s)
-                # arg = t where v beats the maximum so far, strictly (a tie keeps the earlier
-                # offset); as t grows, that is arg = max(arg, t * wins) (12x faster than copyto(where=))
-                xp.greater(v, y_, out=wins_)
-                xp.multiply(wins_, won_.dtype.type(t), out=won_)
-                xp.maximum(arg_, won_, out=arg_)
-                xp.maximum(y_, v, out=y_)
-
-        self.team.run(work, chunks)
-        return arg
+    def _arg_dtype(self):
+        return np.uint8 if self.k * self.k < 256 else np.int32
 
     def backward(self, dy):
-        xp, k = self.xp, self.k
         if self._arg is None:  # after an eval forward: find the winners now (its input is unchanged)
             # not into y: an in-place ReLU after this layer passes its dx (our dy) back in it
-            self._arg = self._argmax(self._src, self._buf("y-again", dy.shape, dy.dtype, self._x_layout))
-        if self.s != k or self.p != 0:
-            # The mask in dy's dtype: multiplying by a bool mask casts it on the fly, 3x slower.
-            hit = self._buf("hit", dy.shape, dy.dtype, self._x_layout)
-
-            def contribution(t, out):
-                xp.equal(self._arg, self._arg.dtype.type(t), out=hit, casting="unsafe")
-                xp.multiply(dy, hit, out=out)
-
-            return self._input_grad(dy, contribution)
-        # Windows side by side: dx seen as (N, C, Ho, k, Wo, k) is dy (N, C, Ho, 1, Wo, 1) times
-        # the mask arg == (i*k + j), both broadcast: two whole-array ops per chunk of samples.
-        n, c, h, w = self._x_shape
-        _, _, ho, wo = dy.shape
+            self._arg = self._buf("arg", dy.shape, self._arg_dtype(), self._x_layout)
+            self.kernels.max_pool(self, self._x, self._buf("y-again", dy.shape, dy.dtype, self._x_layout), self._arg)
         dy = self._in_x_layout(dy)
-        dx = self._buf("dx", (n, c, h, w), dy.dtype, self._x_layout)
-        if h > ho * k:
-            dx[:, :, ho * k:, :] = 0  # rows no window reaches (floor output size)
-        if w > wo * k:
-            dx[:, :, :, wo * k:] = 0
-        offsets = self._buf("offsets", (1, 1, 1, k, 1, k), self._arg.dtype)
-        if "offsets" not in self._filled:
-            offsets[...] = self.xp.asarray(np.arange(k * k, dtype=offsets.dtype).reshape(offsets.shape))
-            self._filled.add("offsets")
-        chunks = self._sample_chunks(n, dx[:1].nbytes)
-        step = chunks[0][1] - chunks[0][0]
-        masks = self._slot_bufs("mask", (step, c, ho * k, wo * k), dy.dtype, self._x_layout)
-
-        def work(slot, a, b):
-            m6 = masks[slot][:b - a].reshape(b - a, c, ho, k, wo, k)
-            xp.equal(self._arg[a:b].reshape(b - a, c, ho, 1, wo, 1), offsets, out=m6, casting="unsafe")
-            xp.multiply(dy[a:b].reshape(b - a, c, ho, 1, wo, 1), m6,
-                        out=dx[a:b, :, :ho * k, :wo * k].reshape(b - a, c, ho, k, wo, k))
-
-        self.team.run(work, chunks)
+        dx = self._buf("dx", self._x_shape, dy.dtype, self._x_layout)
+        self.kernels.max_unpool(self, dy, self._arg, dx)
         return dx
 
 
@@ -564,9 +502,9 @@ class AvgPool2d(_Pool2d):
         ho, wo = conv_output_size(h, k, s, self.p), conv_output_size(w, k, s, self.p)
         src = self._padded_input(x)
         y = self._buf("y", (n, c, ho, wo), x.dtype, self._layout(x))
-        xp.copyto(y, _offset_view(src, 0, 0, ho, wo, s))
+        xp.copyto(y, offset_view(src, 0, 0, ho, wo, s))
         for t in range(1, k * k):
-            xp.add(y, _offset_view(src, t // k, t % k, ho, wo, s), out=y)
+            xp.add(y, offset_view(src, t // k, t % k, ho, wo, s), out=y)
         xp.multiply(y, 1.0 / (k * k), out=y)
         self._x_shape, self._x_layout = x.shape, self._layout(x)
         return y

@@ -147,13 +147,7 @@ class _BatchNorm(_Spatial):
         invstd = 1.0 / np.sqrt(var + self.eps)
         scale = _to_host(self.weight).astype(np.float64) * invstd
         shift = _to_host(self.bias).astype(np.float64) - mean * scale
-        scale_, shift_ = self._channel_vector("scale", scale, x), self._channel_vector("shift", shift, x)
-
-        def normalise(slot, a, b):
-            self.channel_op(xp.multiply, x[a:b], scale_, y[a:b])
-            self.channel_op(xp.add, y[a:b], shift_, y[a:b])
-
-        self.team.run(normalise, chunks)
+        self.kernels.scale_shift(self, x, scale, shift, y)
         self._x, self._train = x, train
         self._mean, self._invstd, self._scale = mean, invstd, scale
         return y
@@ -198,16 +192,7 @@ class _BatchNorm(_Spatial):
         count, a_ = self._n, self._scale
         b_ = -a_ * self._invstd * total[c:] / count
         d_ = -a_ * total[:c] / count - b_ * self._mean
-        a_, b_, d_ = (self._channel_vector(t, v, x) for t, v in (("a", a_), ("b", b_), ("d", d_)))
-
-        def input_grad(slot, a, b):
-            t = tmp[slot][:b - a]
-            self.channel_op(xp.multiply, x[a:b], b_, t)
-            self.channel_op(xp.multiply, dy[a:b], a_, dx[a:b])
-            xp.add(dx[a:b], t, out=dx[a:b])
-            self.channel_op(xp.add, dx[a:b], d_, dx[a:b])
-
-        self.team.run(input_grad, chunks)
+        self.kernels.scale_shift_sum(self, dy, a_, x, b_, d_, dx)
         return dx
 
     def describe(self):

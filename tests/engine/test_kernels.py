@@ -1,0 +1,168 @@
+"""The two implementations of the max-pool and BatchNorm loops (ddtrain.engine.kernels) give the
+same bits: window maxima, winners (ties, -inf, NaN), input gradients (overlapping windows,
+padding, floor sizes), BatchNorm's outputs and gradients in train and eval mode, on both
+layouts and dtypes, on a team of 2, and in whole CNN steps. Also which one a process runs, and
+what DDTRAIN_KERNELS does."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ddtrain.benchmarks.cnn import layers as bench_layers
+from ddtrain.config import load_config
+from ddtrain.engine import conv, kernels
+from ddtrain.engine.context import single_batch
+from ddtrain.engine.layers import memory_order
+from ddtrain.engine.conv import MaxPool2d
+from ddtrain.engine.losses import make_loss
+from ddtrain.engine.model import build_model
+from ddtrain.engine.team import Team
+from ddtrain.errors import ConfigError
+from tests.helpers import require
+
+GEOMETRIES = [(k, s, p) for k, s, p in itertools.product((1, 2, 3, 5), (1, 2, 3), (0, 1, 2)) if p <= k // 2]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    require("numba", "the compiled kernels need numba: pip install 'ddtrain[fast]'")
+    return kernels.Compiled()
+
+
+def _input(rng, shape, layout, dtype, ties):
+    n, c, h, w = shape
+    a = rng.standard_normal(shape)
+    if ties:  # a few distinct values: most windows hold equal maxima
+        a = np.round(a)
+        a[a < -1.5] = -np.inf
+    if layout == "NHWC":
+        x = np.empty((n, h, w, c), dtype).transpose(0, 3, 1, 2)
+    else:
+        x = np.empty(shape, dtype)
+    x[...] = a
+    return x
+
+
+def _pool(impl, x, k, s, p, train=True, team=1):
+    layer = type("Pool", (MaxPool2d,), {"kernels": impl})(k, s, p)
+    layer.team = Team(team)
+    y = layer.forward(x, train).copy()
+    arg = None if layer._arg is None else layer._arg.copy()
+    dy = np.random.default_rng(5).standard_normal(y.shape).astype(x.dtype)
+    dx = layer.backward(dy)
+    return y, arg, dx.copy(), memory_order(dx)
+
+
+@pytest.mark.parametrize("k, s, p", GEOMETRIES)
+def test_compiled_max_pool_gives_the_reference_bits(compiled, k, s, p):
+    rng = np.random.default_rng(k * 100 + s * 10 + p)
+    for shape, layout, dtype, ties in [((3, 4, 9, 7), "NHWC", np.float32, True),
+                                       ((2, 3, 8, 11), "C", np.float64, False),
+                                       ((1, 5, 6, 6), "NHWC", np.float64, False),
+                                       ((4, 2, 7, 10), "C", np.float32, True)]:
+        if (shape[2] + 2 * p - k) < 0 or (shape[3] + 2 * p - k) < 0:
+            continue
+        x = _input(rng, shape, layout, dtype, ties)
+        ref, ours = _pool(kernels.Reference(), x, k, s, p), _pool(compiled, x, k, s, p)
+        np.testing.assert_array_equal(ours[0], ref[0])  # the maxima
+        np.testing.assert_array_equal(ours[1], ref[1])  # the winners
+        np.testing.assert_array_equal(ours[2], ref[2])  # the input gradient
+        assert ours[3] == ref[3] == memory_order(x)
+
+
+def test_nan_propagates_as_in_the_reference(compiled):
+    x = _input(np.random.default_rng(0), (2, 3, 6, 6), "NHWC", np.float32, False)
+    x[0, 1, 2, 3] = np.nan
+    x[1, 2, 0, 0] = np.nan
+    for k, s, p in [(2, 2, 0), (3, 1, 1)]:
+        ref, ours = _pool(kernels.Reference(), x, k, s, p), _pool(compiled, x, k, s, p)
+        assert np.isnan(ref[0]).any()
+        np.testing.assert_array_equal(ours[0], ref[0])  # NaN where the reference has NaN
+        np.testing.assert_array_equal(ours[1], ref[1])
+
+
+def test_eval_forward_then_backward_and_a_team_of_two(compiled):
+    x = _input(np.random.default_rng(1), (37, 8, 28, 28), "NHWC", np.float32, True)
+    ref = _pool(kernels.Reference(), x, 2, 2, 0, train=False)
+    for team in (1, 2):
+        ours = _pool(compiled, x, 2, 2, 0, train=False, team=team)
+        np.testing.assert_array_equal(ours[0], ref[0])
+        np.testing.assert_array_equal(ours[2], ref[2])
+
+
+def _step(specs):
+    model = build_model(specs, (1, 28, 28), seed=0, input_grad=True)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((37, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 37)
+    model.set_batch_context(single_batch(0, 0, 37))
+    loss = make_loss("cross_entropy")
+    logits = model.forward(x, train=True).copy()
+    loss.forward(logits, y)
+    dx = model.backward(loss.backward(1.0 / 37)).copy()
+    return logits, dx, model.params.grad.copy()
+
+
+@pytest.mark.parametrize("name", ["cnn", "bench-cnn", "bench-cnn-bn"])
+def test_a_cnn_step_is_the_same_with_either(compiled, monkeypatch, name):
+    specs = bench_layers(batchnorm=name.endswith("bn")) if name.startswith("bench") else load_config(name).model.layers
+    monkeypatch.setattr(conv, "for_array_module", lambda xp: compiled)
+    ours = _step(specs)
+    monkeypatch.setattr(conv, "for_array_module", lambda xp: kernels.Reference())
+    ref = _step(specs)
+    for a, b in zip(ours, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_choice(monkeypatch):
+    kernels.for_array_module.cache_clear()
+    try:
+        monkeypatch.setenv(kernels.ENV, "numpy")
+        assert type(kernels.for_array_module(np)) is kernels.Reference
+        kernels.for_array_module.cache_clear()
+        monkeypatch.setenv(kernels.ENV, "fortran")
+        with pytest.raises(ConfigError, match="DDTRAIN_KERNELS must be one of numba, numpy"):
+            kernels.for_array_module(np)
+        kernels.for_array_module.cache_clear()
+        monkeypatch.delenv(kernels.ENV)
+        expected = kernels.Compiled if kernels.numba_available() else kernels.Reference
+        assert type(kernels.for_array_module(np)) is expected
+        assert type(kernels.for_array_module(object())) is kernels.Reference  # CuPy's arrays, say
+    finally:
+        kernels.for_array_module.cache_clear()
+
+
+def _batchnorm(impl, x, train, team=1):
+    from ddtrain.engine.norm import BatchNorm1d, BatchNorm2d
+    cls = BatchNorm2d if x.ndim == 4 else BatchNorm1d
+    layer = type("BN", (cls,), {"kernels": impl})()
+    layer.team = Team(team)
+    c = x.shape[1]
+    rng = np.random.default_rng(3)
+    params = {"weight": rng.standard_normal(c).astype(x.dtype), "bias": rng.standard_normal(c).astype(x.dtype)}
+    grads = {"weight": np.zeros(c, x.dtype), "bias": np.zeros(c, x.dtype)}
+    layer.bind(params, grads)
+    layer.bind_buffers({"running_mean": np.full(c, 0.1, np.float32), "running_var": np.full(c, 2.0, np.float32),
+                        "num_batches_tracked": np.zeros((), np.int64)})
+    layer.set_batch_context(single_batch(0, 0, x.shape[0]))
+    y = layer.forward(x, train)
+    dy = np.empty_like(y)
+    dy[...] = rng.standard_normal(y.shape)
+    dx = layer.backward(dy)
+    return y.copy(), dx.copy(), grads["weight"].copy(), grads["bias"].copy()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_compiled_batchnorm_passes_give_the_reference_bits(compiled, train):
+    rng = np.random.default_rng(7)
+    for shape, layout, dtype in [((37, 32, 28, 28), "NHWC", np.float32), ((3, 5, 7, 9), "NHWC", np.float64),
+                                 ((4, 6, 5, 5), "C", np.float32), ((9, 12), "C", np.float32)]:
+        if len(shape) == 4:
+            x = _input(rng, shape, layout, dtype, False)
+        else:
+            x = rng.standard_normal(shape).astype(dtype)
+        for team in (1, 2):
+            ref, ours = _batchnorm(kernels.Reference(), x, train), _batchnorm(compiled, x, train, team)
+            for a, b in zip(ours, ref):
+                np.testing.assert_array_equal(a, b)
