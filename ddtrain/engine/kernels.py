@@ -139,7 +139,7 @@ class Reference:
         gradient); a, b, d: (C,) host float64 values, used in x's dtype. dy, dx in x's layout."""
         xp = layer.xp
         chunks = layer._sample_chunks(x.shape[0], x[:1].nbytes)
-        tmp = layer._slot_bufs("tmp", (chunks[0][1] - chunks[0][0], *x.shape[1:]), x.dtype, memory_order(x))
+        tmp = layer._chunk_bufs("tmp", x, chunks)
         a_, b_, d_ = (layer._channel_vector(t, v, x) for t, v in (("a", a), ("b", b), ("d", d)))
 
         def work(slot, lo, hi):
@@ -165,7 +165,7 @@ class Compiled(Reference):
     def max_pool(self, layer, x, y, arg) -> None:
         n = x.shape[0]
         if arg is None:  # evaluation: the winners are not kept
-            arg = layer._buf("arg-eval", y.shape, np.uint8 if layer.k * layer.k < 256 else np.int32, layer._x_layout)
+            arg = layer._buf("arg-eval", y.shape, layer._arg_dtype(), layer._x_layout)
         xs, ys, args = (a.transpose(0, 2, 3, 1) for a in (x, y, arg))
         kernel, k, s, p = self._k.max_pool, layer.k, layer.s, layer.p
 
