@@ -82,6 +82,12 @@ def test_quick_data_parallel_sections(tmp_path):
     assert setting["profile"]["2x32"]["gradient_sync"].startswith("node shared memory")
     assert positive(ar["median_us"]["shared_memory"]) and positive(ar["ratios"]["overlapped buckets / blocking"])
     assert "gradient allreduce" in table
+    # the model row: the independent processes' step plus one bare Allreduce, from those figures
+    model = ranks["model: independent step + one bare Allreduce"]
+    step = 32 / (ranks["2 independent"]["median"] / 2)
+    assert model["step_ms"] == pytest.approx(1e3 * step)
+    assert model["median"] == pytest.approx(step / (step + ar["median_us"]["bare_allreduce"] / 1e6))
+    assert 0 < model["median"] < 1 and "model: independent step + one bare Allreduce" in table
 
 
 def test_products_limit_and_fraction_are_shown(tmp_path):
