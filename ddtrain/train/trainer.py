@@ -275,7 +275,7 @@ class Trainer:
                                 "config": cfg.to_dict(), "device": self.backend.device,
                                 "hosts": getattr(self, "hosts", [comm.hostname]),
                                 "steps_per_epoch": spe, "total_steps": self.total_steps,
-                                "gradient_sync": self.gradient_sync})
+                                "gradient_sync": self.gradient_sync, "blas_kernel": self._blas_kernel()})
         with StopSignals() as signals:
             while self.cursor.epoch < cfg.train.epochs:
                 c = self.cursor
@@ -351,6 +351,11 @@ class Trainer:
         self.cursor.step_in_epoch = 0
         self.start_epoch_sums()
         self.save()
+
+    def _blas_kernel(self) -> str | None:
+        """The OpenBLAS kernels that run the products on the CPU (None on a GPU, or not OpenBLAS)."""
+        from ddtrain.engine.blas import kernel
+        return None if self.backend.is_gpu else kernel()
 
     def _write_summary(self, wall: float, samples_per_second: float | None, first_step_at: float | None) -> dict:
         """summary.json (and the end record): final test figures, speed, memory, weight hashes."""
