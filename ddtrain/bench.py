@@ -792,7 +792,7 @@ def add_allreduce_model(result: dict) -> None:
             each = cell["2 independent"]["median"] / 2  # samples/s of one of the two processes
             step = int(b) / each
             cell[ALLREDUCE_MODEL] = {"median": step / (step + bare / 1e6), "spread": None,
-                           "step_ms": 1e3 * step, "bare_allreduce_us": bare}
+                                     "step_ms": 1e3 * step, "bare_allreduce_us": bare}
 
 
 def _optional(fn, echo):

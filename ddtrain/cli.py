@@ -158,7 +158,7 @@ def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_d
         team = trainer.model.team.size
         loops = sorted({layer.kernels.name for layer in trainer.model.layers if hasattr(layer, "kernels")})
         from ddtrain.engine.blas import kernel_note
-        blas_note = None if trainer.backend.is_gpu else kernel_note()  # which kernels run the products
+        blas_note = kernel_note(trainer.blas_kernel)  # which kernels run the products
         log(f"ddtrain: {comm.size} rank(s) on {trainer.backend.device}, {n_threads} "
             + (f"thread(s) per rank (a team of {team} running the layers' chunks, BLAS on one thread each)"
                if team > 1 else "BLAS thread(s) per rank")

@@ -28,6 +28,7 @@ runs, which the start log shows.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 
@@ -112,6 +113,7 @@ def set_threads(n: int) -> None:
 _CORENAME_SYMBOLS = ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename")
 
 
+@functools.lru_cache(maxsize=1)  # fixed once numpy has loaded OpenBLAS
 def kernel() -> str | None:
     """The name of the kernels numpy's OpenBLAS runs (its core, e.g. "Haswell" or "SkylakeX"),
     or None where the library is not a known OpenBLAS. OPENBLAS_CORETYPE forces it; without it
@@ -127,9 +129,9 @@ def kernel() -> str | None:
     return None
 
 
-def kernel_note(environ=os.environ) -> str | None:
-    """What the start log says of the BLAS kernels: their name, and who chose them."""
-    core = kernel()
+def kernel_note(core: str | None, environ=os.environ) -> str | None:
+    """What the start log says of the BLAS kernels `core` (from `kernel()`): their name, and who
+    chose them."""
     if core is None:
         return None
     forced = environ.get("OPENBLAS_CORETYPE")

@@ -275,7 +275,7 @@ class Trainer:
                                 "config": cfg.to_dict(), "device": self.backend.device,
                                 "hosts": getattr(self, "hosts", [comm.hostname]),
                                 "steps_per_epoch": spe, "total_steps": self.total_steps,
-                                "gradient_sync": self.gradient_sync, "blas_kernel": self._blas_kernel()})
+                                "gradient_sync": self.gradient_sync, "blas_kernel": self.blas_kernel})
         with StopSignals() as signals:
             while self.cursor.epoch < cfg.train.epochs:
                 c = self.cursor
@@ -352,7 +352,8 @@ class Trainer:
         self.start_epoch_sums()
         self.save()
 
-    def _blas_kernel(self) -> str | None:
+    @property
+    def blas_kernel(self) -> str | None:
         """The OpenBLAS kernels that run the products on the CPU (None on a GPU, or not OpenBLAS)."""
         from ddtrain.engine.blas import kernel
         return None if self.backend.is_gpu else kernel()

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import PYTHON, REPO, ddtrain, skip_or_fail
 
-ASK = "from ddtrain.engine import blas; print(blas.kernel()); print(blas.kernel_note())"
+ASK = "from ddtrain.engine import blas; print(blas.kernel()); print(blas.kernel_note(blas.kernel()))"
 x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                          reason="OPENBLAS_CORETYPE=Haswell names an x86 kernel")
 
