@@ -16,7 +16,8 @@ mpi4py's MPI_Get_library_version. The flavours' flags:
 
 Each rank runs ``sys.executable -m ddtrain <command...>``, so every host needs the same
 Python environment at the same path (the docker cluster does). DDTRAIN_* variables are
-forwarded; BLAS threads are decided by each rank (ddtrain.parallel.threads, from the launcher's
+forwarded, and the BLAS kernel choice (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE) where the launching
+shell sets it, so that ranks on other hosts round their products alike; BLAS threads are decided by each rank (ddtrain.parallel.threads, from the launcher's
 ranks-on-this-node variable) unless ``--threads`` is given, which is forwarded as
 DDTRAIN_THREADS.
 
@@ -67,6 +68,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddtrain.engine import blas
 from ddtrain.errors import ConfigError
 
 FLAVORS = ("mpich", "openmpi")
@@ -234,8 +236,9 @@ def find_mpiexec(explicit: str | None = None, wanted: str | None = None) -> tupl
 
 # ------------------------------------------------------------------------------ the command
 def forwarded_env(environ: Mapping[str, str], threads: int | None = None) -> dict[str, str]:
-    """The variables every rank gets: DDTRAIN_*, plus DDTRAIN_THREADS when --threads is given."""
-    env = {k: v for k, v in sorted(environ.items()) if k.startswith("DDTRAIN_")}
+    """The variables every rank gets: DDTRAIN_* and the BLAS kernel choice that are set, plus
+    DDTRAIN_THREADS when --threads is given."""
+    env = {k: v for k, v in sorted(environ.items()) if k.startswith("DDTRAIN_") or k in blas.CHOICE_VARIABLES}
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads must be at least 1, not {threads}")

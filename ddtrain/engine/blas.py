@@ -113,6 +113,11 @@ def set_threads(n: int) -> None:
 _CORENAME_SYMBOLS = ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename")
 
 
+# The variables that choose which kernels OpenBLAS runs: kernels and blocking decide how a product
+# rounds, so `ddtrain launch` passes the launching shell's choice to every rank on every host.
+CHOICE_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
 @functools.lru_cache(maxsize=1)  # fixed once numpy has loaded OpenBLAS
 def kernel() -> str | None:
     """The name of the kernels numpy's OpenBLAS runs (its core, e.g. "Haswell" or "SkylakeX"),

@@ -208,8 +208,8 @@ class Linear(Layer):
     column-major dy makes one short reduction per column and took 17 us at batch 64 and 30 us
     at 256 for 512 columns, the gemv 4 and 8 us (one thread, AVX-512).
     In a model with a team of workers (ddtrain.engine.team: a CNN's classifier) each product is
-    cut into blocks of output (or, for dx, input) features, one per worker: every element is
-    still one dot product over the same K, so the result does not depend on the team.
+    cut into blocks of output (or, for dx, input) features that the workers share out: the
+    team's `cut`, the same blocks for any team size, so the result does not depend on it.
     """
 
     def __init__(self, out_features: int, bias: bool = True):
@@ -219,7 +219,7 @@ class Linear(Layer):
         self.in_features: int | None = None
         self._x = None
         self._ones: dict = {}  # (N, dtype) -> ones(N): db = ones @ dy
-        self._block_cache: dict = {}  # (features, team size) -> `_blocks`
+        self._block_cache: dict = {}  # (features, team pieces) -> `_blocks`
 
     def param_shapes(self, in_shape):
         if len(in_shape) != 1:
@@ -250,13 +250,11 @@ class Linear(Layer):
     MIN_BLOCK_FEATURES = 64
 
     def _blocks(self, features: int) -> list[tuple[int, int]]:
-        """(start, stop) ranges of `features`, one per team worker (or one for small layers)."""
-        key = (features, self.team.size)
+        """(start, stop) ranges of `features` for the team's workers (one for small layers)."""
+        key = (features, self.team.pieces)
         blocks = self._block_cache.get(key)
         if blocks is None:
-            parts = max(1, min(self.team.size, features // self.MIN_BLOCK_FEATURES))
-            edges = [features * w // parts for w in range(parts + 1)]
-            blocks = self._block_cache[key] = list(zip(edges[:-1], edges[1:]))
+            blocks = self._block_cache[key] = self.team.cut(features, self.MIN_BLOCK_FEATURES)
         return blocks
 
     def forward(self, x, train):

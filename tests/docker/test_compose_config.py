@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from ddtrain.engine import blas
+
 from .conftest import COMPOSE_FILE, SLURM_COMPOSE_FILE, blank_ddtrain_env, compose_command, run
 
 
@@ -79,6 +81,20 @@ def test_slurm_cluster_is_private_unprivileged_with_its_key_in_memory(compose):
         assert any(v.startswith("shared:/shared") for v in svc["volumes"])
     assert cfg["networks"]["cluster"]["internal"] is True
     assert cfg["volumes"]["munge"]["driver_opts"]["type"] == "tmpfs"
+
+
+@pytest.mark.parametrize("file", [COMPOSE_FILE, SLURM_COMPOSE_FILE], ids=["docker-compose", "slurm"])
+def test_the_hosts_blas_kernel_choice_reaches_every_container(compose, file, monkeypatch):
+    """A forced OpenBLAS kernel rounds products differently: containers run the host's choice,
+    and where the host makes none (unset), OpenBLAS picks for the CPU in each container."""
+    for name in blas.CHOICE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for svc in resolved(compose, file)["services"].values():
+        assert all(svc["environment"].get(name) is None for name in blas.CHOICE_VARIABLES), svc["environment"]
+    chosen = {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "512"}
+    assert sorted(chosen) == sorted(blas.CHOICE_VARIABLES)
+    for svc in resolved(compose, file, **chosen)["services"].values():
+        assert {name: svc["environment"][name] for name in chosen} == chosen
 
 
 def test_slurm_conf_needs_no_cgroups():

@@ -1,6 +1,9 @@
 """The team of threads a model's chunk loops run on: the cut, the run, and that a team of 2
 computes what one thread does (the same bits for everything per sample)."""
 
+import os
+import platform
+import subprocess
 import threading
 
 import numpy as np
@@ -13,6 +16,7 @@ from ddtrain.engine.losses import make_loss
 from ddtrain.engine.model import build_model
 from ddtrain.engine.team import Team, split
 from ddtrain.benchmarks.cnn import layers as bench_layers
+from tests.helpers import PYTHON, REPO
 
 
 @pytest.mark.parametrize("n, parts", [(7, 2), (8, 2), (1, 2), (5, 3), (3, 5), (0, 2)])
@@ -93,3 +97,27 @@ def test_a_team_of_two_computes_what_one_thread_does(name):
     np.testing.assert_array_equal(one[0], two[0])
     np.testing.assert_array_equal(one[1], two[1])
     np.testing.assert_array_equal(one[2], two[2])
+
+
+# A product's rounding may depend on its shape: OpenBLAS's Haswell sgemm (forced with
+# OPENBLAS_CORETYPE=Haswell on an AVX-512 CPU) rounds 1 in 10 elements of a Linear(784 -> 32)'s
+# input gradient differently when the product is cut in two. A team cuts products into the
+# same pieces whatever its size (Team.cut), so the bits hold under such kernels too.
+_FORCED = """
+import numpy as np
+from ddtrain.config import load_config
+from ddtrain.engine import blas
+from tests.engine.test_team import _step
+assert blas.kernel() == "Haswell", blas.kernel()
+specs = load_config("cnn-small").model.layers
+for a, b in zip(_step(specs, 1), _step(specs, 2)):
+    np.testing.assert_array_equal(a, b)
+print("same bits")
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="Haswell names an x86 kernel")
+def test_a_team_of_two_computes_what_one_thread_does_on_forced_haswell_kernels():
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
+    p = subprocess.run([PYTHON, "-c", _FORCED], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "same bits", p.stdout + p.stderr

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from ddtrain.engine import blas
 from ddtrain.errors import ConfigError
 from ddtrain.launch import (build_launch_command, check_ranks, find_mpiexec, flavor_of, forwarded_env,
                             parse_hostfile, parse_hosts, read_hostfile, run_launch)
@@ -111,6 +112,9 @@ def test_forwarded_env():
     env = forwarded_env({"DDTRAIN_DATA": "/d", "HOME": "/root", "DDTRAIN_DEBUG": "1"}, threads=3)
     assert env == {"DDTRAIN_DATA": "/d", "DDTRAIN_DEBUG": "1", "DDTRAIN_THREADS": "3"}
     assert forwarded_env({"PATH": "/bin"}) == {}
+    # the kernels the launching shell chose (they decide how products round), not BLAS threads
+    assert forwarded_env({"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "512",
+                          "OPENBLAS_NUM_THREADS": "4"}) == {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "512"}
     with pytest.raises(ConfigError, match="--threads"):
         forwarded_env({}, threads=0)
 
@@ -134,7 +138,7 @@ def test_find_mpiexec_matches_the_flavor(tmp_path):
 def test_run_launch_dry_run_prints_the_exact_command(tmp_path, monkeypatch):
     if importlib.util.find_spec("mpi4py") is None:  # the flavour check asks mpi4py its MPI
         skip_or_fail("mpi4py is not installed (pip install 'ddtrain[mpi]')")
-    for key in [k for k in os.environ if k.startswith("DDTRAIN_")]:
+    for key in [k for k in os.environ if k.startswith("DDTRAIN_") or k in blas.CHOICE_VARIABLES]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("DDTRAIN_DATA", "/data/fashion mnist")
     printed = []
