@@ -200,10 +200,14 @@ class Linear(Layer):
 
     x: (N, in)  ->  y: (N, out).  Keeps x for backward:
         dW = dy.T @ x  (out, in),  db = sum_n dy  (out,),  dx = dy @ W  (N, in).
-    y and dx are written column-major (Fortran order), i.e. as the row-major products
-    W @ x.T and W.T @ dy.T: OpenBLAS's AVX-512 sgemm (numpy's default on this project's
-    AVX-512 CPUs) runs the step's products about 7% faster at batch 64 that way, and no
-    kernel measured slower (ddtrain/benchmarks/profile_step.py). x and dy may have either order.
+    y is written column-major (Fortran order), i.e. as the row-major product W @ x.T, and dx
+    in x's order: column-major in an MLP, whose x is the previous Linear's y (as W.T @ dy.T).
+    OpenBLAS's AVX-512 sgemm (numpy's default on this project's AVX-512 CPUs) runs the step's
+    products about 7% faster at batch 64 that way, and no kernel measured slower
+    (ddtrain/benchmarks/profile_step.py). After a Flatten x is row-major, and so is dx: a
+    channels-last Flatten input then gets its gradient back by one transpose per sample, in
+    cache (from a column-major dx the copy reads one float per cache line). x and dy may have
+    either order.
     db is the product ones(N) @ dy (a BLAS gemv): numpy's ``sum(dy, axis=0)`` over the
     column-major dy makes one short reduction per column and took 17 us at batch 64 and 30 us
     at 256 for 512 columns, the gemv 4 and 8 us (one thread, AVX-512).
@@ -287,7 +291,7 @@ class Linear(Layer):
             xp.matmul(ones, dy, out=self.db)  # sum over the batch
         if not self.needs_input_grad:
             return None
-        dx = self._buf("dx", x.shape, dy.dtype, order="F")
+        dx = self._buf("dx", x.shape, dy.dtype, order=memory_order(x))  # x's order: see below
 
         def input_block(slot, a, b):
             xp.matmul(dy, W[:, a:b], out=dx[:, a:b])
@@ -382,13 +386,16 @@ class Sigmoid(Layer):
 class Flatten(Layer):
     """(N, *in_shape) -> (N, prod(in_shape)) in C order of in_shape, so (C, H, W) features keep
     PyTorch's order: a view when x is C-contiguous, else a copy into a reused buffer (a
-    channels-last convolution output, see ddtrain.engine.conv)."""
+    channels-last convolution output, see ddtrain.engine.conv). backward gives a channels-last
+    x its gradient back channels-last (one copy), so that the layers below run in memory order:
+    a ReLU's multiply over mismatched (128, 64, 7, 7) layouts took 1.3 ms, the copy from a
+    Linear's row-major dx and the matched multiply 0.2 + 0.2 ms (one thread, 2-core EPYC)."""
 
     def output_shape(self, in_shape):
         return (math.prod(in_shape),)
 
     def forward(self, x, train):
-        self._in_shape = x.shape
+        self._in_shape, self._in_order = x.shape, memory_order(x)
         flat = (x.shape[0], math.prod(x.shape[1:]))  # not -1: a rank's slice may be empty
         if x.flags.c_contiguous:
             return x.reshape(flat)
@@ -397,7 +404,12 @@ class Flatten(Layer):
         return y
 
     def backward(self, dy):
-        return dy.reshape(self._in_shape)
+        dx = dy.reshape(self._in_shape)
+        if self._in_order != "NHWC" or memory_order(dx) == "NHWC":
+            return dx
+        out = self._buf("dx", self._in_shape, dy.dtype, "NHWC")
+        out[...] = dx  # from a row-major dy: each sample's (C, H*W) block transposed in cache
+        return out
 
 
 class Dropout(Layer):
