@@ -75,6 +75,8 @@ def test_nan_propagates_as_in_the_reference(compiled):
     x = _input(np.random.default_rng(0), (2, 3, 6, 6), "NHWC", np.float32, False)
     x[0, 1, 2, 3] = np.nan
     x[1, 2, 0, 0] = np.nan
+    x[0, 0, 4:6, 4:6] = -np.inf  # a window of -inf only: offset 0 keeps it (the 2x2 loop starts there)
+    x[1, 0, 2, 2] = -np.inf  # -inf at a window's offset 0, beaten by the next
     for k, s, p in [(2, 2, 0), (3, 1, 1)]:
         ref, ours = _pool(kernels.Reference(), x, k, s, p), _pool(compiled, x, k, s, p)
         assert np.isnan(ref[0]).any()
