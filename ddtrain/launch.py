@@ -17,9 +17,9 @@ mpi4py's MPI_Get_library_version. The flavours' flags:
 Each rank runs ``sys.executable -m ddtrain <command...>``, so every host needs the same
 Python environment at the same path (the docker cluster does). DDTRAIN_* variables are
 forwarded, and the BLAS kernel choice (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE) where the launching
-shell sets it, so that ranks on other hosts round their products alike; BLAS threads are decided by each rank (ddtrain.parallel.threads, from the launcher's
-ranks-on-this-node variable) unless ``--threads`` is given, which is forwarded as
-DDTRAIN_THREADS.
+shell sets it, so that ranks on other hosts round their products alike; BLAS threads are
+decided by each rank (ddtrain.parallel.threads, from the launcher's ranks-on-this-node
+variable) unless ``--threads`` is given, which is forwarded as DDTRAIN_THREADS.
 
 Inside a Slurm allocation (SLURM_JOB_ID set) without --hosts/--hostfile, the hosts are the
 allocation's nodes with its tasks per node (``scontrol show hostnames $SLURM_JOB_NODELIST``,
@@ -238,7 +238,8 @@ def find_mpiexec(explicit: str | None = None, wanted: str | None = None) -> tupl
 def forwarded_env(environ: Mapping[str, str], threads: int | None = None) -> dict[str, str]:
     """The variables every rank gets: DDTRAIN_* and the BLAS kernel choice that are set, plus
     DDTRAIN_THREADS when --threads is given."""
-    env = {k: v for k, v in sorted(environ.items()) if k.startswith("DDTRAIN_") or k in blas.CHOICE_VARIABLES}
+    env = {k: v for k, v in sorted(environ.items())
+           if k.startswith("DDTRAIN_") or k in blas.CHOICE_VARIABLES}
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads must be at least 1, not {threads}")

@@ -18,8 +18,8 @@ worker runs it, and a sum over chunks (Conv2d's weight gradient) is added up in 
 once every chunk is done, so a run on T threads gives bitwise the weights of one thread.
 A product the workers share out (Linear's, `Team.cut`) is cut into the same pieces for any
 team size, one after another on one worker: OpenBLAS's kernels may round an element
-differently when a product's width changes (its Haswell sgemm does, on 1/10 of a
-Linear(3136 -> 128)'s input gradient cut in 2), so the pieces, not the team, fix the shapes.
+differently when a product's width changes (its Haswell sgemm does: 11% of the elements of a
+Linear(784 -> 32)'s input gradient at batch 37, cut in 2), so the pieces fix the shapes.
 `--deterministic` runs one thread, a team of 1: the plain loop over the same chunks and pieces.
 """
 
@@ -47,7 +47,7 @@ class Team:
     """`size` workers for a layer's chunk loop (size 1: the plain loop, in the calling thread),
     and the number of `pieces` a shared-out product is cut into (the same for every size)."""
 
-    # 6 pieces share out evenly on 1, 2, 3 or 6 workers; one thread pays ~3% on a
+    # 6 pieces share out evenly on 1, 2, 3 or 6 workers; one thread pays 2-3% on a
     # Linear(3136 -> 128)'s input gradient for running 6 products instead of 1 (2-core EPYC).
     PIECES = 6
 
