@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from ddtrain.engine import blas
-from ddtrain.launch import run_launch
+from ddtrain.launch import forwarded_env, run_launch
 from tests.parallel.conftest import orphans
 
 pytestmark = pytest.mark.mpi
@@ -125,7 +124,7 @@ def test_a_rank_busy_longer_than_the_heartbeat_timeout_is_not_a_failure(mpirun):
 
 def test_launch_runs_ranks_with_the_real_mpiexec_and_returns_their_status(mpirun, capfd, monkeypatch):
     # (the mpirun fixture only brings the skip/CI rule: run_launch finds mpiexec itself)
-    for name in [k for k in os.environ if k.startswith("DDTRAIN_") or k in blas.CHOICE_VARIABLES]:
+    for name in forwarded_env(os.environ):
         monkeypatch.delenv(name)  # forwarded variables would add -genv flags to the command
     assert run_launch(2, ["--version"]) == 0
     out = capfd.readouterr().out

@@ -6,8 +6,7 @@ divisible by neither 2 nor 3). BatchNorm's training statistics are those of the 
 and each image's crop and flip depend only on (seed, epoch, image index), so:
   * node shared memory (the default) and the MPI allreduce on 2 and 3 ranks give each of the
     first 20 steps' losses within 1e-5 (relative) of one process's and every step's within
-    1e-4, the same test accuracy, the same weights and
-    running statistics on every rank;
+    1e-4, the same test accuracy, the same weights and running statistics on every rank;
   * --deterministic: bitwise identical weights and buffers for 1, 2 and 3 ranks;
   * a run stopped mid-epoch on 3 ranks resumes on 2 (and a deterministic one on 1) exactly.
 The learning rate is 0.01: at the config's 0.05 (and at 0.02) this small-batch BatchNorm CNN with
