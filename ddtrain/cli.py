@@ -156,14 +156,15 @@ def train(config, epochs, batch_size, lr, seed, device, data_dir, dataset, run_d
                           progress=sys.stdout.isatty(), tensorboard_dir=tensorboard_dir)
         trainer.faults = faults_for(cfg.chaos, comm.rank, comm.hostname)  # a drill only when asked
         team = trainer.model.team.size
-        loops = sorted({layer.kernels.name for layer in trainer.model.layers if hasattr(layer, "kernels")})
+        from ddtrain.engine.kernels import for_array_module
+        loops = for_array_module(trainer.backend.xp).name  # pool, BatchNorm, ReLU, bias and SGD loops
         from ddtrain.engine.blas import kernel_note
         blas_note = kernel_note(trainer.blas_kernel)  # which kernels run the products
         log(f"ddtrain: {comm.size} rank(s) on {trainer.backend.device}, {n_threads} "
             + (f"thread(s) per rank (a team of {team} running the layers' chunks, BLAS on one thread each)"
                if team > 1 else "BLAS thread(s) per rank")
             + (f" ({DETERMINISTIC_REASON})" if cfg.dist.deterministic else "") + ", "
-            + (f"pool/BatchNorm loops: {', '.join(loops)}, " if loops else "")
+            + f"element-wise loops: {loops}, "
             + (f"{blas_note}, " if blas_note else "")
             + f"{trainer.params.size:,} parameters, {trainer.n_train:,} training samples, "
             f"global batch {cfg.train.batch_size}, {trainer.steps_per_epoch} steps/epoch, run dir {path}")

@@ -234,7 +234,7 @@ def measure(name: str, rounds: int, steps: int, batch: int, with_torch: bool = T
 def render(results: list[dict], sgemm: float) -> str:
     threads = (f"{THREADS} threads (ddtrain: a team of {THREADS}; torch.set_num_threads({THREADS}))"
                if THREADS > 1 else "one BLAS thread")
-    lines = [f"{threads}; pool/BatchNorm loops: {for_array_module(np).name}; sgemm {sgemm / 1e9:.1f} GFLOP/s "
+    lines = [f"{threads}; element-wise loops: {for_array_module(np).name}; sgemm {sgemm / 1e9:.1f} GFLOP/s "
              f"(2048^3 on {THREADS} thread(s), best of 5); samples/s: median [min, max]", ""]
     head = f"{'model':<8} {'MFLOP/sample':>12} {'limit':>7} {'ddtrain':>22} {'torch':>22} {'ratio':>6} {'of limit':>8}"
     lines += [head, "-" * len(head)]

@@ -9,7 +9,8 @@ It runs the real `Trainer.fit()` of the mlp config (evaluation and checkpoints s
 with three kinds of probes, all outside ddtrain's code:
   * the backend's array module is a proxy that times every ``xp.<function>`` call: matmul
     is "matmul", every other call is "element-wise" (ufuncs, reductions, take, and the
-    trainer's finite check ``xp.dot(g, g)``);
+    trainer's finite check ``xp.dot(g, g)``); so are the layers' loops of ddtrain.engine.kernels
+    (ReLU, bias, pooling, BatchNorm: numba's or array ops), timed whole;
   * the trainer's `_batch` ("data"), the optimizer's `step` ("optimizer") and the gradient
     sync's `on_grads_ready`, `part_done`, `synchronize` and `after_update` plus the
     communicator's Allreduce ("communication": with the shared-memory sync, its sum over the
@@ -35,6 +36,7 @@ import tracemalloc
 import types
 
 MATMUL = {"matmul"}  # (dot is the trainer's finite check: element-wise work)
+LAYER_LOOPS = ("relu", "relu_backward", "add_bias", "max_pool", "max_unpool", "scale_shift", "scale_shift_sum")
 
 
 def main() -> None:
@@ -113,6 +115,10 @@ def main() -> None:
         if getattr(sync, name, None) is not None:
             setattr(sync, name, category("communication", getattr(sync, name)))
     trainer._batch = category("data", trainer._batch)
+    from ddtrain.engine.kernels import for_array_module
+    loops = for_array_module(backend.xp)  # the instance every layer calls (one per process)
+    for name in LAYER_LOOPS:
+        setattr(loops, name, category("element-wise", getattr(loops, name)))
     comm.Allreduce = category("communication", comm.Allreduce)
 
     last = trainer.steps_per_epoch - 1

@@ -1,5 +1,7 @@
 """numba loops for `ddtrain.engine.kernels.Compiled` (imported only when numba is installed).
 
+Pooling and BatchNorm:
+
 Arrays are channels-last views: x (n, h, w, c), y and arg (n, ho, wo, c); any strides work
 (numba compiles a version per layout), the channel run innermost is the fast one. Window
 (i, j) covers input rows i*s - p .. i*s - p + k - 1 (and columns likewise); positions outside
@@ -10,7 +12,9 @@ once per machine into numba's cache (__pycache__ beside this file), loaded in la
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 
 @njit(nogil=True, cache=True)
@@ -142,3 +146,88 @@ def scale_shift_sum(dy, a, x, b, d, dx):
                 g, xx, out = dy[i0, i, j], x[i0, i, j], dx[i0, i, j]
                 for ch in range(c):
                     out[ch] = (g[ch] * a[ch] + xx[ch] * b[ch]) + d[ch]
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a * b + c rounded once (LLVM's fma): what a fusing BLAS axpby computes."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f], fnty=ir.FunctionType(f, [f, f, f]))
+        return builder.call(fn, args)
+    return sig, codegen
+
+
+# A float32 is a NaN or an infinity iff its exponent bits are all ones; adding one to the
+# exponent field then carries into the sign bit, so OR-ing (bits & EXP) + LOW over the vector
+# and testing SIGN checks every element without a comparison or a float reduction (which,
+# without fastmath, numba does not vectorise).
+_EXP, _LOW, _SIGN = np.uint32(0x7F800000), np.uint32(0x00800000), np.uint32(0x80000000)
+
+
+@njit(nogil=True, cache=True)
+def sgd_update(p, g, buf, m, wd, neg_lr, momentum, nesterov, first, fused):
+    """torch's SGD step over float32 vectors in one pass, rounded as the reference does it with
+    ufuncs and BLAS axpby (ddtrain.engine.kernels.Reference.sgd):
+        d = g + round(p * wd)           (when wd != 0)
+        buf = d (first step), else d + round(buf * m)
+        u = buf, or for nesterov d + m * buf (one rounding if `fused`)
+        p = p + neg_lr * u              (one rounding if `fused`, else two)
+    Returns whether g held a NaN or an infinity."""
+    bits = g.view(np.uint32)
+    seen = np.uint32(0)
+    for i in range(p.size):
+        seen |= (bits[i] & _EXP) + _LOW
+        d = g[i]
+        if wd != 0:
+            d = d + p[i] * wd
+        if momentum:
+            b = d if first else d + buf[i] * m
+            buf[i] = b
+            if nesterov:
+                d = _fma32(m, b, d) if fused else d + b * m
+            else:
+                d = b
+        p[i] = _fma32(neg_lr, d, p[i]) if fused else p[i] + d * neg_lr
+    return (seen & _SIGN) != 0
+
+
+# ReLU's loops: one array in place and two distinct ones are separate functions, because LLVM
+# vectorises a two-array loop only after a run-time check that they do not overlap (the same
+# array passed twice ran the scalar loop, 3.4x slower).
+
+@njit(nogil=True, cache=True)
+def relu(x, y):
+    """y = x * (1 if x > 0 else 0) over flat vectors: ReLU's reference product with its 0/1
+    mask, without the mask. x and y must not overlap (see relu_inplace)."""
+    for i in range(x.size):
+        v = x[i]
+        y[i] = v * (np.float32(1) if v > 0 else np.float32(0))
+
+
+@njit(nogil=True, cache=True)
+def relu_inplace(x):
+    """`relu` with y = x."""
+    for i in range(x.size):
+        v = x[i]
+        x[i] = v * (np.float32(1) if v > 0 else np.float32(0))
+
+
+@njit(nogil=True, cache=True)
+def relu_backward(dy, y):
+    """y = dy * (1 if y > 0 else 0), over y: ReLU's input gradient with the mask recovered from
+    its output (y > 0 iff x > 0)."""
+    for i in range(dy.size):
+        y[i] = dy[i] * (np.float32(1) if y[i] > 0 else np.float32(0))
+
+
+@njit(nogil=True, cache=True)
+def add_to_rows(a, v):
+    """a[j, :] += v[j] for a (rows, n), contiguous rows: a Linear's column-major output
+    seen transposed, plus its bias."""
+    for j in range(a.shape[0]):
+        row, b = a[j], v[j]
+        for i in range(row.size):
+            row[i] += b

@@ -204,6 +204,19 @@ def axpby(a: float, x, b: float, y, scratch) -> None:
         y += scratch
 
 
+@functools.lru_cache(maxsize=1)
+def rounds_once() -> bool:
+    """Whether float32 `axpby(a, x, 1.0, y)` rounds a * x + y once (the BLAS kernel fuses the
+    multiply and the add, as OpenBLAS's SkylakeX kernels do) or twice (its Haswell kernels, the
+    ufunc path); probed once, on values where the two differ. `axpby(1.0, x, b, y)` gives
+    x + round(b * y) either way. The compiled optimizer loop (ddtrain.engine.kernels) asks, so
+    that it gives axpby's bits on every machine."""
+    x, y = np.full(4, 1.0 + 2.0**-12, np.float32), np.full(4, -1.0, np.float32)
+    # a * x = 1 + 2^-11 + 2^-24: a float32 product rounds the 2^-24 away, a fused one keeps it
+    axpby(1.0 + 2.0**-12, x, 1.0, y, scratch=np.empty_like(y))
+    return bool(y[0] == np.float32(2.0**-11 + 2.0**-24))
+
+
 def _address(a: np.ndarray) -> int:
     """a's data address, remembered for the arrays passed most recently."""
     entry = _addresses.get(id(a))

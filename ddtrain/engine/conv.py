@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from ddtrain.engine.kernels import for_array_module, offset_view
+from ddtrain.engine.kernels import offset_view
 from ddtrain.engine.layers import Layer, init_weight_and_bias, memory_order
 
 CHANNELS_LAST = "NHWC"  # a BufferPool order: an (N, H, W, C) buffer seen as (N, C, H, W)
@@ -108,11 +108,6 @@ class _Spatial(Layer):
     def __init__(self):
         super().__init__()
         self._filled: set = set()
-
-    @property
-    def kernels(self):
-        """The element-wise loops this layer calls (ddtrain.engine.kernels), one choice per process."""
-        return for_array_module(self.xp)
 
     def _sample_chunks(self, n: int, per_sample_bytes: int) -> list[tuple[int, int]]:
         """(start, stop) ranges of samples holding about SAMPLE_CHUNK_BYTES of one array each."""

@@ -158,6 +158,12 @@ class Layer:
         """One `_buf` per team worker (tags suffixed with the slot): a worker's own scratch."""
         return [self._buf(f"{tag}{i}", shape, dtype, order) for i in range(self.team.size)]
 
+    @property
+    def kernels(self):
+        """The element-wise loops this layer calls (ddtrain.engine.kernels), one choice per process."""
+        from ddtrain.engine.kernels import for_array_module  # (kernels imports this module)
+        return for_array_module(self.xp)
+
     def _like(self, tag: str, a, dtype=None):
         """A reusable buffer of `a`'s shape and memory order (element-wise ops then run in
         memory order on every operand), of `dtype` or a's dtype."""
@@ -266,10 +272,12 @@ class Linear(Layer):
         xp, W = self.xp, self.W
         y = self._buf("y", (x.shape[0], self.out_features), x.dtype, order="F")
 
+        kernels = self.kernels
+
         def block(slot, a, b):
             xp.matmul(x, W[a:b].T, out=y[:, a:b])
             if self.has_bias:
-                xp.add(y[:, a:b], self.b[a:b], out=y[:, a:b])
+                kernels.add_bias(y[:, a:b], self.b[a:b])
 
         self.team.run(block, self._blocks(self.out_features))
         self._x = x
@@ -307,10 +315,13 @@ class Linear(Layer):
 class ReLU(Layer):
     """y = x * (x > 0), i.e. max(x, 0); dx = dy * (x > 0).  Keeps the mask (x > 0), in x's dtype.
 
-    The mask is made once, in forward, as 0.0/1.0 in x's float dtype: greater() into it and a
-    float multiply took 40 us at batch 256 (512 features, one thread, AVX-512) where numpy's
-    NaN-checking maximum() took 67, and backward is then one float multiply (17 us) instead of
-    greater() into a bool mask and a bool-to-float multiply (44). backward writes dx over y:
+    The loops are `kernels` (ddtrain.engine.kernels). With array ops the mask is made once, in
+    forward, as 0.0/1.0 in x's float dtype: greater() into it and a float multiply took 40 us
+    at batch 256 (512 features, one thread, AVX-512) where numpy's NaN-checking maximum() took
+    67, and backward is then one float multiply (17 us) instead of greater() into a bool mask
+    and a bool-to-float multiply (44). numba's loop makes y in one pass (9 against 29 us, one
+    core of the 2-core Xeon) and backward takes the mask from y (y > 0 iff x > 0), the same
+    bits without a mask. backward writes dx over y:
     by then every layer after this one has run its backward, so nothing reads y any more.
     inplace (torch's nn.ReLU(inplace=True)): y is written over x, one (N, features) buffer
     fewer in the step (-1.5% a step at batch 256, paired); only where nothing reads x after
@@ -327,16 +338,13 @@ class ReLU(Layer):
         self.inplace = bool(inplace)
 
     def forward(self, x, train):
-        xp = self.xp
-        mask = self._like("mask", x)
-        xp.greater(x, 0, out=mask)  # 1.0 where x > 0, else 0.0
         y = x if self.inplace else self._like("y", x)
-        xp.multiply(x, mask, out=y)
-        self._mask, self._y = mask, y
+        self.kernels.relu(self, x, y)
+        self._y = y
         return y
 
     def backward(self, dy):
-        self.xp.multiply(dy, self._mask, out=self._y)  # dx, over the spent y
+        self.kernels.relu_backward(self, dy, self._y)  # dx, over the spent y
         return self._y
 
 

@@ -1,13 +1,17 @@
 """Optimizers over the flat parameter vector, with torch.optim's exact update rules.
 
-Each ``step(lr)`` reads ``params.grad`` and updates ``params.data`` in place with a
-handful of whole-vector operations (one-pass BLAS axpby where numpy's BLAS has it, see
-ddtrain.engine.blas) into preallocated temporaries (the grad is never
-modified, so it can still be logged or checked after the step). Hyperparameters are
-plain attributes fixed at construction; state (momentum, moments, step count) lives in
-``self.state`` and ``self.steps``, is created on the first step, and round-trips through
-``state_dict()`` / ``load_state_dict()`` as host arrays, so a resumed run continues
-bit for bit. The learning rate comes from the schedule at every step.
+Each ``step(lr)`` reads ``params.grad`` and updates ``params.data`` in place: SGD through
+the kernels chosen once for the process (ddtrain.engine.kernels: one compiled pass with
+numba, else ufuncs and one-pass BLAS axpby, the same bits), Adam with a handful of
+whole-vector ufuncs into preallocated temporaries (the grad is never modified, so it can
+still be logged or checked after the step). ``step(lr, check=True)`` also says whether the
+gradient it read held a NaN or infinity (the update is made either way): where every rank
+updates from the same summed gradient, the trainer lets this check replace the one before
+the sum, as the compiled SGD pass makes it without a second read of the gradient.
+Hyperparameters are plain attributes fixed at construction; state (momentum, moments, step
+count) lives in ``self.state`` and ``self.steps``, is created on the first step, and
+round-trips through ``state_dict()`` / ``load_state_dict()`` as host arrays, so a resumed run
+continues bit for bit. The learning rate comes from the schedule at every step.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 
 import numpy as np
 
-from ddtrain.engine.blas import axpby
+from ddtrain.engine.kernels import for_array_module, nonfinite
 from ddtrain.engine.params import FlatParams
 from ddtrain.choices import registry, unknown
 from ddtrain import choices
@@ -42,12 +46,13 @@ class Optimizer:
             self._temps.append(self.xp.empty_like(self.params.data))
         return self._temps[k]
 
-    def step(self, lr: float) -> None:
-        """One update of params.data from params.grad with learning rate `lr`."""
+    def step(self, lr: float, check: bool = False) -> int:
+        """One update of params.data from params.grad with learning rate `lr`. Returns 1 if
+        `check` and the gradient held a NaN or infinity (the update is made anyway), else 0."""
         self.steps += 1
-        self._update(float(lr))
+        return self._update(float(lr), check)
 
-    def _update(self, lr: float) -> None:
+    def _update(self, lr: float, check: bool) -> int:
         raise NotImplementedError
 
     def _weight_decayed_grad(self, wd: float):
@@ -104,25 +109,16 @@ class SGD(Optimizer):
             raise ConfigError(f"sgd weight_decay must be >= 0, not {weight_decay}")
         self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
         self.state_keys = ("momentum",) if momentum else ()
+        self.kernels = for_array_module(self.xp)
 
-    def _update(self, lr):
-        # One pass over the flat vectors per line (blas.axpby): the update is memory-bound.
-        m, p = self.momentum, self.params.data
-        d = self._weight_decayed_grad(self.weight_decay)
-        if m:
-            buf = self.state.get("momentum")
-            if buf is None:
-                buf = self.state["momentum"] = self.xp.array(d)
-            else:
-                axpby(1.0, d, m, buf, scratch=self._temp(1))  # buf = m * buf + d
-            if self.nesterov:
-                t = self._temp(1)
-                t[...] = d
-                axpby(m, buf, 1.0, t, scratch=self._temp(2))  # t = d + m * buf
-                d = t
-            else:
-                d = buf
-        axpby(-lr, d, 1.0, p, scratch=self._temp(2 if self.nesterov else 1))  # p -= lr * d
+    def _update(self, lr, check):
+        p = self.params.data
+        first = self.momentum and "momentum" not in self.state
+        if first:
+            self.state["momentum"] = self.xp.empty_like(p)
+        return self.kernels.sgd(p, self.params.grad, self.state.get("momentum"), momentum=self.momentum,
+                                nesterov=self.nesterov, weight_decay=self.weight_decay, lr=lr, first=first,
+                                temps=self._temp, check=check)
 
 
 class Adam(Optimizer):
@@ -145,8 +141,9 @@ class Adam(Optimizer):
                               f"not eps={eps}, weight_decay={weight_decay}")
         self.betas, self.eps, self.weight_decay = (b1, b2), float(eps), float(weight_decay)
 
-    def _update(self, lr):
+    def _update(self, lr, check):
         xp, p = self.xp, self.params.data
+        bad = nonfinite(xp, self.params.grad) if check else 0
         b1, b2 = self.betas
         if self.decoupled:
             xp.multiply(p, 1.0 - lr * self.weight_decay, out=p)
@@ -170,6 +167,7 @@ class Adam(Optimizer):
         xp.divide(m, t, out=t)
         xp.multiply(t, step_size, out=t)
         xp.subtract(p, t, out=p)
+        return bad
 
 
 class AdamW(Adam):

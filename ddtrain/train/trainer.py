@@ -10,7 +10,8 @@ Per global step (every rank, in the same order):
      `sync.params.grad`, and the ranks agree on StepFlags (stop requested, non-finite) in the
      same collective;
   4. "step taken": the optimizer updates `sync.params` (this rank's range of the flat vector)
-     with lr(step), unless the gradient was non-finite;
+     with lr(step), unless the gradient was non-finite (where the sync leaves that check to
+     the update, train.nonfinite=stop, the update makes it and the run stops after it);
   5. `sync.after_update()` (shared memory: the updated parts are published).
 
 How gradients are combined is entirely the sync object's (ddtrain/parallel/sync/), chosen
@@ -102,7 +103,7 @@ class Trainer:
         self.loss = make_loss(cfg.model.loss, backend, label_smoothing=cfg.model.label_smoothing)
         # The one decision about how gradients are combined; it may move the model's buffers
         # (collective), so the optimizer is built after it, over the range it gives.
-        self.sync = make_sync(cfg.dist, comm, self.model, is_gpu=backend.is_gpu)
+        self.sync = make_sync(cfg.dist, comm, self.model, is_gpu=backend.is_gpu, nonfinite=cfg.train.nonfinite)
         self.params = self.model.params
         o = cfg.optimizer
         hyper = (dict(momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay) if o.name == "sgd"
@@ -242,19 +243,24 @@ class Trainer:
         timer.add("comm_wait", time.perf_counter() - t)
         if flags.nonfinite:
             if self.cfg.train.nonfinite == "stop":
-                raise everywhere(DDTrainError(
-                    f"non-finite loss or gradient at step {step + 1} (epoch {self.cursor.epoch + 1}); "
-                    f"stopped without writing a checkpoint. Lower optimizer.lr, or set "
-                    f"train.nonfinite=skip to skip such steps"))
+                raise self._nonfinite_stop(step)
             self.log(f"step {step + 1}: non-finite gradient, step skipped (train.nonfinite=skip)")
         else:
             t = time.perf_counter()
-            self.optimizer.step(self.schedule.lr(step))
+            # the update checks the gradient where the sync left the check to it (nonfinite=stop)
+            if self.optimizer.step(self.schedule.lr(step), check=self.sync.optimizer_checks):
+                raise self._nonfinite_stop(step)  # every rank read the same sum: all stop here
             timer.add("optimizer", time.perf_counter() - t)
         t = time.perf_counter()
         self.sync.after_update()
         timer.add("comm_wait", time.perf_counter() - t)
         return flags
+
+    def _nonfinite_stop(self, step: int) -> Exception:
+        return everywhere(DDTrainError(
+            f"non-finite loss or gradient at step {step + 1} (epoch {self.cursor.epoch + 1}); "
+            f"stopped without writing a checkpoint. Lower optimizer.lr, or set "
+            f"train.nonfinite=skip to skip such steps"))
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> tuple[float, float]:

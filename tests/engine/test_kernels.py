@@ -1,8 +1,9 @@
-"""The two implementations of the max-pool and BatchNorm loops (ddtrain.engine.kernels) give the
-same bits: window maxima, winners (ties, -inf, NaN), input gradients (overlapping windows,
+"""The two implementations of the max-pool, BatchNorm and SGD loops (ddtrain.engine.kernels) give
+the same bits: window maxima, winners (ties, -inf, NaN), input gradients (overlapping windows,
 padding, floor sizes), BatchNorm's outputs and gradients in train and eval mode, on both
-layouts and dtypes, on a team of 2, and in whole CNN steps. Also which one a process runs, and
-what DDTRAIN_KERNELS does."""
+layouts and dtypes, on a team of 2, and in whole CNN steps; SGD's parameters and momentum over
+steps with every option, on this machine's BLAS and on the fused and unfused roundings, and
+the non-finite check. Also which one a process runs, and what DDTRAIN_KERNELS does."""
 
 import itertools
 
@@ -109,9 +110,9 @@ def _step(specs):
 @pytest.mark.parametrize("name", ["cnn", "bench-cnn", "bench-cnn-bn"])
 def test_a_cnn_step_is_the_same_with_either(compiled, monkeypatch, name):
     specs = bench_layers(batchnorm=name.endswith("bn")) if name.startswith("bench") else load_config(name).model.layers
-    monkeypatch.setattr(conv, "for_array_module", lambda xp: compiled)
+    monkeypatch.setattr(kernels, "for_array_module", lambda xp: compiled)  # every layer's loops
     ours = _step(specs)
-    monkeypatch.setattr(conv, "for_array_module", lambda xp: kernels.Reference())
+    monkeypatch.setattr(kernels, "for_array_module", lambda xp: kernels.Reference())
     ref = _step(specs)
     for a, b in zip(ours, ref):
         np.testing.assert_array_equal(a, b)
@@ -168,3 +169,117 @@ def test_compiled_batchnorm_passes_give_the_reference_bits(compiled, train):
             ref, ours = _batchnorm(kernels.Reference(), x, train), _batchnorm(compiled, x, train, team)
             for a, b in zip(ours, ref):
                 np.testing.assert_array_equal(a, b)
+
+
+SGD_OPTIONS = [dict(momentum=m, nesterov=n, weight_decay=wd)
+               for m, n, wd in itertools.product((0.0, 0.9), (False, True), (0.0, 5e-4)) if m or not n]
+
+
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_compiled_sgd_gives_the_reference_bits(compiled, options):
+    """Four steps (the first one makes the momentum) with changing learning rates, from the
+    same vectors: equal parameters and momentum after each, with the BLAS kernels numpy runs."""
+    rng = np.random.default_rng(3)
+    n = 10_007  # not a multiple of any vector width
+    p0 = rng.standard_normal(n).astype(np.float32)
+    runs = {}
+    for impl in (kernels.Reference(), compiled):
+        p, buf = p0.copy(), np.empty(n, np.float32)
+        temps = {}
+        seen = []
+        for step, lr in enumerate((0.1, 0.05, 0.0125, 3e-4)):
+            g = np.random.default_rng(step).standard_normal(n).astype(np.float32)
+            bad = impl.sgd(p, g, buf, lr=lr, first=step == 0, check=True,
+                           temps=lambda k: temps.setdefault(k, np.empty(n, np.float32)), **options)
+            assert bad == 0
+            seen.append((p.copy(), buf.copy() if options["momentum"] else None))
+        runs[impl.name] = seen
+    for (p_ref, b_ref), (p_ours, b_ours) in zip(runs["numpy"], runs["numba"]):
+        assert np.array_equal(p_ref, p_ours)
+        assert b_ref is None or np.array_equal(b_ref, b_ours)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_compiled_sgd_rounds_as_the_blas_axpby_does(compiled, fused):
+    """axpby fuses multiply and add on some BLAS kernels (OpenBLAS SkylakeX) and not on others
+    (Haswell): the compiled loop gives each one's bits, checked against float64 arithmetic."""
+    rng = np.random.default_rng(9)
+    p, g = rng.standard_normal(4096).astype(np.float32), rng.standard_normal(4096).astype(np.float32)
+    buf = rng.standard_normal(4096).astype(np.float32)
+    lr, m = np.float32(-0.0123), np.float32(0.9)
+    b = (g + buf * m).astype(np.float32)  # two roundings, as every axpby(1, x, m, y)
+    if fused:
+        expected = (p.astype(np.float64) + np.float64(lr) * b.astype(np.float64)).astype(np.float32)
+    else:
+        expected = p + b * lr
+    compiled._k.sgd_update(p, g, buf, m, np.float32(0), lr, True, False, False, fused)
+    assert np.array_equal(buf, b) and np.array_equal(p, expected)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba"])
+def test_the_sgd_check_finds_every_nan_and_infinity_and_nothing_else(impl):
+    if impl == "numba":
+        require("numba", "the compiled kernels need numba: pip install 'ddtrain[fast]'")
+    k = kernels.Compiled() if impl == "numba" else kernels.Reference()
+    big = np.finfo(np.float32)
+    for value, bad in ((np.nan, 1), (np.inf, 1), (-np.inf, 1), (-np.nan, 1), (big.max, 0), (-big.max, 0),
+                       (big.tiny / 4, 0), (1e19, 0), (0.0, 0)):
+        for where in (0, 16, 1000):
+            g = np.ones(1001, np.float32)
+            g[where] = value
+            p, buf = np.zeros(1001, np.float32), np.zeros(1001, np.float32)
+            got = k.sgd(p, g, buf, momentum=0.9, nesterov=False, weight_decay=0.0, lr=0.1, first=True,
+                        temps=lambda i: np.empty(1001, np.float32), check=True)
+            assert got == bad, (impl, value, where)
+            assert k.sgd(p, g, buf, momentum=0.9, nesterov=False, weight_decay=0.0, lr=0.1, first=False,
+                         temps=lambda i: np.empty(1001, np.float32), check=False) == 0
+
+
+def _array(shape, layout, values):
+    """`values` in a new array of that memory layout ("strided": every other channel of a
+    larger one, contiguous in no order)."""
+    if layout == "NHWC":
+        a = np.empty((shape[0], shape[2], shape[3], shape[1]), np.float32).transpose(0, 3, 1, 2)
+    elif layout == "strided":
+        a = np.empty((shape[0], shape[1] * 2, *shape[2:]), np.float32)[:, ::2]
+    else:
+        a = np.empty(shape, np.float32, order=layout)
+    a[...] = values
+    return a
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "NHWC", "strided"])
+def test_compiled_relu_gives_the_reference_bits(compiled, layout):
+    """Forward and backward, in place and not, with NaN, infinities and signed zeros; on a team of
+    2 for a large array; a gradient in the output's memory order and in another one."""
+    from ddtrain.engine.layers import ReLU
+    rng = np.random.default_rng(4)
+    shape = (300, 40, 7, 9) if layout in ("NHWC", "strided") else (1000, 300)
+    values = rng.standard_normal(shape).astype(np.float32)
+    values.reshape(-1)[:6] = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0]
+    grad = rng.standard_normal(shape).astype(np.float32)
+    for inplace, team, dy_layout in itertools.product((False, True), (1, 2), (layout, "C" if layout != "C" else "F")):
+        out = []
+        for impl in (kernels.Reference(), compiled):
+            layer = type("R", (ReLU,), {"kernels": impl})(inplace=inplace)
+            layer.team = Team(team)
+            y = layer.forward(_array(shape, layout, values), True).copy()
+            dx = layer.backward(_array(shape, dy_layout, grad)).copy()
+            out.append((y, dx))
+        (y_ref, dx_ref), (y_ours, dx_ours) = out
+        assert np.array_equal(y_ref, y_ours, equal_nan=True) and np.array_equal(dx_ref, dx_ours, equal_nan=True)
+        assert np.array_equal(np.signbit(y_ref), np.signbit(y_ours)), (inplace, team, dy_layout)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_compiled_bias_add_gives_the_reference_bits(compiled, order):
+    rng = np.random.default_rng(8)
+    y0 = np.asarray(rng.standard_normal((257, 130)).astype(np.float32), order=order)
+    b = rng.standard_normal(130).astype(np.float32)
+    ref, ours = y0.copy(order="K"), y0.copy(order="K")
+    kernels.Reference().add_bias(ref, b)
+    compiled.add_bias(ours, b)
+    assert np.array_equal(ref, ours)
+    cols = y0.copy(order="K")
+    compiled.add_bias(cols[:, 30:90], b[30:90])  # a worker's block of columns
+    assert np.array_equal(cols[:, 30:90], ref[:, 30:90]) and np.array_equal(cols[:, :30], y0[:, :30])

@@ -16,6 +16,7 @@ from ddtrain.parallel import abort_on_exception, world
 from ddtrain.parallel.mpi import MPI, MPICommunicator
 from ddtrain.parallel.sync import (FixedPointAllreduce, MPIAllreduce, NodeSharedMemory, OneProcess, StepFlags,
                                    make_sync)
+from ddtrain.engine.optim import make_optimizer
 
 comm = world()
 if comm.size == 1:
@@ -80,6 +81,23 @@ with abort_on_exception(comm):
                 sync.on_grads_ready(offset)
         sync.part_done()
         assert sync.synchronize(StepFlags()).nonfinite == 1, name
+        sync.after_update()
+
+    # train.nonfinite=stop: the allreduce leaves the check to the update, which every rank
+    # makes from the same sum, so every rank finds the non-finite value one rank sent
+    for name in ("blocking", "overlap, 3 buckets"):
+        model = fresh_model()
+        sync = syncs[name](model)
+        sync.leave_check_to_optimizer()
+        opt = make_optimizer("sgd", sync.params, momentum=0.9)
+        model.params.grad[...] = 1.0
+        if comm.rank == comm.size - 1:
+            model.params.grad[7] = np.nan
+        for offset in first_offsets(model):
+            if sync.on_grads_ready is not None:
+                sync.on_grads_ready(offset)
+        assert sync.synchronize(StepFlags()).nonfinite == 0, name  # not checked before the sum
+        assert opt.step(0.1, check=True) == 1, name
         sync.after_update()
 
     # batch statistics: the sums over every rank, also from a rank with nothing to add

@@ -124,13 +124,28 @@ def test_fixed_point_nonfinite_gradient_is_flagged():
 
 def test_one_process_leaves_the_gradient_and_checks_it():
     model = build_model([{"type": "linear", "out": 3}], (5,))
-    sync = make_sync(load_config("tiny").dist, SingleProcess(), model)
-    assert isinstance(sync, OneProcess) and not sync.weights_can_differ
+    sync = make_sync(load_config("tiny").dist, SingleProcess(), model, nonfinite="skip")
+    assert isinstance(sync, OneProcess) and not sync.weights_can_differ and not sync.optimizer_checks
     model.params.grad[...] = 0.25
     assert sync.synchronize(StepFlags(stop=2)) == StepFlags(stop=2, nonfinite=0)
     assert (model.params.grad == 0.25).all() and sync.label == "none (one process)" and not sync.calls
     model.params.grad[3] = np.nan
     assert sync.synchronize(StepFlags()).nonfinite == 1
+
+
+def test_with_nonfinite_stop_the_update_checks_instead_of_the_sync():
+    """train.nonfinite=stop: the sync checks nothing and the optimizer's step reports a
+    non-finite gradient; with skip the sync checks before the update, which must not."""
+    from ddtrain.engine.optim import make_optimizer
+    model = build_model([{"type": "linear", "out": 3}], (5,))
+    stop = make_sync(load_config("tiny").dist, SingleProcess(), model)
+    assert stop.optimizer_checks and stop.on_grads_ready is None
+    opt = make_optimizer("sgd", stop.params, momentum=0.9)
+    model.params.grad[...] = 0.25
+    assert stop.synchronize(StepFlags()).nonfinite == 0 and opt.step(0.1, check=True) == 0
+    model.params.grad[2] = -np.inf
+    assert stop.synchronize(StepFlags()).nonfinite == 0  # not checked here any more
+    assert opt.step(0.1, check=True) == 1 and opt.step(0.1) == 0  # unasked, no check
 
 
 def test_deterministic_is_fixed_point_even_in_one_process():
@@ -156,7 +171,7 @@ def test_the_non_finite_check_covers_reported_and_unreported_layers():
     whatever was not reported; the next step starts clean."""
     model = build_model([{"type": "flatten"}, {"type": "linear", "out": 4}, {"type": "relu"},
                          {"type": "linear", "out": 3}], (1, 2, 3))
-    sync = make_sync(load_config("tiny").dist, SingleProcess(), model)
+    sync = make_sync(load_config("tiny").dist, SingleProcess(), model, nonfinite="skip")
     last = model._first_offset[3]  # the last layer's first index
     for where, reported in ((0, [last]), (last + 1, [last]), (0, [last, 0]), (None, [last, 0]), (None, [])):
         model.params.grad[...] = 0.5

@@ -38,15 +38,25 @@ def shared_memory_refusal(dist, comm, is_gpu: bool) -> str | None:
     return None
 
 
-def make_sync(dist, comm, model, is_gpu: bool = False) -> GradientSync:
-    """The sync for this job: `dist` is the config's dist section, `comm` the world.
+def make_sync(dist, comm, model, is_gpu: bool = False, nonfinite: str = "stop") -> GradientSync:
+    """The sync for this job: `dist` is the config's dist section, `comm` the world, `nonfinite`
+    train.nonfinite.
 
     dist.deterministic -> FixedPointAllreduce (one process too: the same micro-shards, so that
     one process gives the bits N ranks give); one process -> OneProcess; node shared memory
     where it applies and dist.shared_memory is auto or true -> NodeSharedMemory (true refuses
     with a ConfigError naming what rules it out); else MPIAllreduce (dist.overlap, bucket_mb).
+    With nonfinite "stop", OneProcess and MPIAllreduce (each rank updates from the whole summed
+    gradient) leave the non-finite check to the update (base.py: `optimizer_checks`).
     Collective: every rank calls it at the same point. Build the optimizer over `.params` after.
     """
+    sync = _make(dist, comm, model, is_gpu)
+    if nonfinite == "stop" and isinstance(sync, (OneProcess, MPIAllreduce)):
+        sync.leave_check_to_optimizer()
+    return sync
+
+
+def _make(dist, comm, model, is_gpu: bool) -> GradientSync:
     if comm.size == 1 and not dist.deterministic:
         return OneProcess(comm, model)
     if dist.shared_memory is not False and comm.size > 1:

@@ -17,6 +17,12 @@ for non-finite values *before* the sum (a sum is non-finite iff one of its terms
 overflow): layer by layer as backward reports them (`on_grads_ready`), while each layer's
 gradient is still in cache, and whatever backward did not report at the sync point. The flags
 travel in the collective that sums the gradients, so agreeing on them costs no extra call.
+Where the run stops on a non-finite gradient (train.nonfinite=stop, the default) and every
+rank then holds the same whole summed gradient (one process, the MPI allreduce), the sync
+leaves the check to the update instead (`optimizer_checks`): the optimizer reads the gradient
+anyway, and its compiled pass checks it in the same read (ddtrain.engine.kernels), so the
+check costs no pass of its own. Every rank finds the same answer, and a non-finite step then
+stops the run after its update, which is never saved (no checkpoint is written on that stop).
 
 Every implementation also owns: where the model's buffers live (shared memory moves them),
 the start-up broadcast of rank 0's parameters and buffers, optimizer-state gather/scatter for
@@ -41,6 +47,7 @@ import numpy as np
 
 from ddtrain.data.order import rank_slice
 from ddtrain.engine.context import BatchContext
+from ddtrain.engine.kernels import nonfinite
 from ddtrain.engine.params import FlatPart
 
 
@@ -60,6 +67,7 @@ class GradientSync(Protocol):
     label: str  # what the log, metrics.jsonl and summary.json say
     params: FlatPart  # the range of the flat vector this rank's optimizer updates
     weights_can_differ: bool  # whether ranks hold weights of their own (fingerprint checks apply)
+    optimizer_checks: bool  # the update checks the gradient (step(lr, check=True)), the sync does not
     on_grads_ready: Callable[[int], None] | None  # Sequential.backward's hook
     calls: Counter  # collectives run so far, by name
 
@@ -88,17 +96,12 @@ class GradientSync(Protocol):
         """This rank's share of a whole optimizer state (from a checkpoint)."""
 
 
-def nonfinite(xp, g) -> int:
-    """1 if `g` holds a NaN or infinity (or values ~1e19, which square to one: a blow-up too)."""
-    # dot(g, g) is BLAS: about 4x faster than g.sum() on the flat gradient.
-    return 0 if g.size == 0 or math.isfinite(float(xp.dot(g, g))) else 1
-
-
 class SyncBase:
     """What most implementations share: the whole vector, rank_slice parts, MPI-summed batch
     statistics, rank 0's state broadcast with Bcast. Subclasses define `synchronize` and `label`."""
 
     label = "?"
+    optimizer_checks = False
 
     def __init__(self, comm, model):
         self.comm, self.model = comm, model
@@ -111,6 +114,14 @@ class SyncBase:
         self._unchecked = flat.size  # grad[_unchecked:] is checked this step
         self._bad = 0
 
+    def leave_check_to_optimizer(self) -> None:
+        """Check no gradient here: the update does (`optimizer_checks`; see the module docstring).
+        Only for a sync whose every rank updates from the same whole summed gradient."""
+        self.optimizer_checks = True
+        self._unchecked = 0  # nothing left to check, every step
+        if self.on_grads_ready == self._check_ready:
+            self.on_grads_ready = None
+
     # -- the local non-finite check ---------------------------------------------------
     def _check_ready(self, offset: int) -> None:
         """Backward finished grad[offset:]: check the part not checked yet (it is in cache now)."""
@@ -121,6 +132,8 @@ class SyncBase:
     def local_nonfinite(self) -> int:
         """1 if this rank's own gradient of this step is non-finite (checks what backward did not
         report); resets the check for the next step."""
+        if self.optimizer_checks:
+            return 0
         self._check_ready(0)
         bad, self._bad, self._unchecked = self._bad, 0, self.model.params.size
         return bad

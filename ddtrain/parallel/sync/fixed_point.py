@@ -30,7 +30,8 @@ import numpy as np
 from ddtrain.data.order import micro_shards, rank_micro_shards
 from ddtrain.engine.context import BatchContext
 from ddtrain.errors import ConfigError, everywhere
-from ddtrain.parallel.sync.base import StepFlags, SyncBase, nonfinite
+from ddtrain.engine.kernels import nonfinite
+from ddtrain.parallel.sync.base import StepFlags, SyncBase
 
 INT_BITS = 62  # |sum| <= 2**62 < 2**63: one bit of margin for rounding
 
