@@ -9,16 +9,19 @@ slowest rank's. Rank 0 prints one JSON line: the median microseconds of
   memcpy            np.copyto of the buffer into another (the physical unit of the reduction)
   bare_allreduce    MPI.COMM_WORLD.Allreduce(IN_PLACE, buf, SUM): what mpi4py gives anyone
   bare_iallreduce   Iallreduce + Wait of the whole buffer
-  ddtrain_blocking  MPIAllreduce as the allreduce path trains by default (dist.overlap=false):
-                    on_grads_ready(offset) for each layer, last first (each layer's non-finite
-                    check, which training runs inside backward), then synchronize() (one
-                    MPI_Allreduce of the gradient with the step flags in its header)
-  ddtrain_sync      synchronize() alone, the layers reported before the clock starts: what the
-                    allreduce path adds after backward in training (the bare calls too start
-                    with their buffer just read, as the reports leave the gradient)
-  nonfinite_check   the layers' reports alone (the checks ddtrain_blocking adds to ddtrain_sync)
-  ddtrain_overlap   MPIAllreduce with dist.overlap=true: on_grads_ready(offset) for each layer,
-                    last first (bucketed Iallreduce), then synchronize()
+  ddtrain_blocking  MPIAllreduce as the allreduce path trains by default (dist.overlap=false,
+                    train.nonfinite=stop): backward's reports (nothing to do: the update checks
+                    the summed gradient, see ddtrain.parallel.sync.base), then synchronize()
+                    (one MPI_Allreduce of the gradient with the step flags in its header)
+  ddtrain_checked   the same with train.nonfinite=skip: on_grads_ready(offset) for each layer,
+                    last first (each layer's non-finite check, which training runs inside
+                    backward), then synchronize()
+  ddtrain_sync      synchronize() alone of ddtrain_checked, the layers reported before the clock
+                    starts (the bare calls too start with their buffer just read, as the reports
+                    leave the gradient)
+  nonfinite_check   the layers' reports alone (the checks ddtrain_checked adds to ddtrain_sync)
+  ddtrain_overlap   MPIAllreduce with dist.overlap=true (nonfinite=stop): on_grads_ready(offset)
+                    for each layer, last first (bucketed Iallreduce), then synchronize()
   shared_memory     NodeSharedMemory.synchronize() + after_update() (the default on one node:
                     each rank sums its part of the node's gradient slots), when every rank is on
                     one node
@@ -63,6 +66,9 @@ def main() -> None:
     blocking = MPIAllreduce(comm, model(), overlap=False)
     overlap_model = model()
     overlap = MPIAllreduce(comm, overlap_model, overlap=True, bucket_mb=cfg.dist.bucket_mb)
+    for sync in (blocking, overlap):  # as make_sync builds them with train.nonfinite=stop
+        sync.leave_check_to_optimizer()
+    checked = MPIAllreduce(comm, model(), overlap=False)  # train.nonfinite=skip
     firsts: dict[str, int] = {}  # layer index -> its first flat index, as Sequential.backward reports
     for slot in overlap_model.params.slots:
         firsts.setdefault(slot.name.split(".")[0], slot.start)
@@ -74,8 +80,9 @@ def main() -> None:
 
     def reported(sync):  # what Sequential.backward does as each layer's gradient is final
         def report():
-            for offset in layer_starts:
-                sync.on_grads_ready(offset)
+            if sync.on_grads_ready is not None:
+                for offset in layer_starts:
+                    sync.on_grads_ready(offset)
         return report
 
     def blocking_step():
@@ -86,13 +93,17 @@ def main() -> None:
         reported(overlap)()
         overlap.synchronize(flags)
 
-    checked = MPIAllreduce(comm, model(), overlap=False)
+    def checked_step():
+        reported(checked)()
+        checked.synchronize(flags)
+
     methods = {
         "memcpy": lambda: np.copyto(dst, src),
         "bare_allreduce": lambda: world.Allreduce(MPI.IN_PLACE, bare, op=MPI.SUM),
         "bare_iallreduce": lambda: world.Iallreduce(MPI.IN_PLACE, bare, op=MPI.SUM).Wait(),
         "ddtrain_blocking": blocking_step,
-        "ddtrain_sync": lambda: blocking.synchronize(flags),
+        "ddtrain_checked": checked_step,
+        "ddtrain_sync": lambda: checked.synchronize(flags),
         "nonfinite_check": reported(checked),
         "ddtrain_overlap": overlapped,
     }
@@ -100,9 +111,12 @@ def main() -> None:
     # ddtrain_sync), or its later one (the sync that closes the reports' step).
     # The bare calls get their buffer read into cache first as ddtrain_sync does (its reports
     # read the gradient), so neither side is timed from a colder cache than the other.
-    def read_bare():
-        float(np.dot(bare, bare))
-    before = {"ddtrain_sync": reported(blocking), "bare_allreduce": read_bare, "bare_iallreduce": read_bare}
+    def read(buf):
+        return lambda: float(np.dot(buf, buf))
+    # (the syncs that check nothing before the sum get their gradient read too, as backward
+    # leaves it just written)
+    before = {"ddtrain_sync": reported(checked), "bare_allreduce": read(bare), "bare_iallreduce": read(bare),
+              "ddtrain_blocking": read(blocking.wire), "ddtrain_overlap": read(overlap.wire)}
     after = {"nonfinite_check": lambda: checked.synchronize(flags)}
     grads = [bare, blocking.params.grad, overlap.params.grad, checked.params.grad]
     if comm.local_size == comm.size:

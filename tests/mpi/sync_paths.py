@@ -17,6 +17,7 @@ from ddtrain.parallel.mpi import MPI, MPICommunicator
 from ddtrain.parallel.sync import (FixedPointAllreduce, MPIAllreduce, NodeSharedMemory, OneProcess, StepFlags,
                                    make_sync)
 from ddtrain.engine.optim import make_optimizer
+from ddtrain.parallel.threads import core_free_beside
 
 comm = world()
 if comm.size == 1:
@@ -116,6 +117,12 @@ with abort_on_exception(comm):
     assert isinstance(make_sync(Dist, comm, fresh_model()), NodeSharedMemory if several else OneProcess)
     Dist.shared_memory = False
     assert isinstance(make_sync(Dist, comm, fresh_model()), MPIAllreduce if several else OneProcess)
+    if several:  # overlap where a core is free to progress the buckets, else blocking, said so
+        Dist.overlap = True
+        sync = make_sync(Dist, comm, fresh_model())
+        free = core_free_beside(comm.local_size)
+        assert sync.overlap == free and ("dist.overlap declined" in sync.label) != free, sync.label
+        Dist.overlap = False
     Dist.deterministic = True
     assert isinstance(make_sync(Dist, comm, fresh_model()), FixedPointAllreduce)
 if comm.rank == 0:

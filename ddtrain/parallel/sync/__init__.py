@@ -18,6 +18,7 @@ from ddtrain.parallel.sync.base import GradientSync, StepFlags
 from ddtrain.parallel.sync.fixed_point import FixedPointAllreduce
 from ddtrain.parallel.sync.shared_memory import NodeSharedMemory
 from ddtrain.parallel.sync.single import OneProcess
+from ddtrain.parallel.threads import core_free_beside
 
 __all__ = ["make_sync", "shared_memory_refusal", "GradientSync", "StepFlags", "OneProcess", "MPIAllreduce",
            "FixedPointAllreduce", "NodeSharedMemory"]
@@ -45,7 +46,8 @@ def make_sync(dist, comm, model, is_gpu: bool = False, nonfinite: str = "stop") 
     dist.deterministic -> FixedPointAllreduce (one process too: the same micro-shards, so that
     one process gives the bits N ranks give); one process -> OneProcess; node shared memory
     where it applies and dist.shared_memory is auto or true -> NodeSharedMemory (true refuses
-    with a ConfigError naming what rules it out); else MPIAllreduce (dist.overlap, bucket_mb).
+    with a ConfigError naming what rules it out); else MPIAllreduce (dist.overlap, bucket_mb;
+    overlap only where a core is free to progress the buckets, else blocking, said in its label).
     With nonfinite "stop", OneProcess and MPIAllreduce (each rank updates from the whole summed
     gradient) leave the non-finite check to the update (base.py: `optimizer_checks`).
     Collective: every rank calls it at the same point. Build the optimizer over `.params` after.
@@ -68,4 +70,12 @@ def _make(dist, comm, model, is_gpu: bool) -> GradientSync:
                                          f"allreduce where shared memory cannot apply)"))
     if dist.deterministic:
         return FixedPointAllreduce(comm, model, dist.micro_shards)
+    if dist.overlap and not core_free_beside(comm.local_size):
+        # MPICH progresses a nonblocking collective only inside MPI calls unless a core is
+        # free: buckets then cost 1.2-1.6x the one blocking call and overlap nothing (2 ranks on
+        # the 2-core Xeon), so the node runs the blocking one and says why.
+        sync = MPIAllreduce(comm, model, overlap=False)
+        sync.label += (f" (dist.overlap declined: the {comm.local_size} rank(s) of this node and their threads "
+                       f"occupy every core, none is free to progress overlapped buckets)")
+        return sync
     return MPIAllreduce(comm, model, overlap=dist.overlap, bucket_mb=dist.bucket_mb)
