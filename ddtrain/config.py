@@ -84,9 +84,11 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     bucket_mb: float = 1.0         # gradient bucket size for the overlapped allreduce
-    # Allreduce buckets during backward (True), or one call after it (False). False is faster on
-    # a 2-core node: MPICH progresses a nonblocking call only inside MPI calls (ddtrain bench).
-    overlap: bool = False
+    # Allreduce buckets during backward (true), or one call after it (false). true overlaps only
+    # where the node has a core none of its ranks' threads occupies (MPICH progresses a
+    # nonblocking call only inside MPI calls otherwise: slower, see ddtrain bench) and runs the
+    # blocking call elsewhere; always: buckets anyway (an MPI with its own progress thread).
+    overlap: Union[bool, Literal["always"]] = False
     deterministic: bool = False    # bitwise identical weights for any number of ranks
     # Reduce and update through each node's shared memory instead of an allreduce (CPU, several
     # ranks on every node and as many on each, not deterministic). auto: wherever it applies, the

@@ -245,15 +245,16 @@ class Trainer:
             if self.cfg.train.nonfinite == "stop":
                 raise self._nonfinite_stop(step)
             self.log(f"step {step + 1}: non-finite gradient, step skipped (train.nonfinite=skip)")
-        else:
+        found = 0  # what the update's own check found, where the sync left the check to it
+        if not flags.nonfinite:
             t = time.perf_counter()
-            # the update checks the gradient where the sync left the check to it (nonfinite=stop)
-            if self.optimizer.step(self.schedule.lr(step), check=self.sync.optimizer_checks):
-                raise self._nonfinite_stop(step)  # every rank read the same sum: all stop here
+            found = self.optimizer.step(self.schedule.lr(step), check=self.sync.optimizer_checks)
             timer.add("optimizer", time.perf_counter() - t)
         t = time.perf_counter()
-        self.sync.after_update()
+        found = self.sync.after_update(found)  # agreed: every rank stops here, or none
         timer.add("comm_wait", time.perf_counter() - t)
+        if found:
+            raise self._nonfinite_stop(step)
         return flags
 
     def _nonfinite_stop(self, step: int) -> Exception:

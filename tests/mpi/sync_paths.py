@@ -84,22 +84,29 @@ with abort_on_exception(comm):
         assert sync.synchronize(StepFlags()).nonfinite == 1, name
         sync.after_update()
 
-    # train.nonfinite=stop: the allreduce leaves the check to the update, which every rank
-    # makes from the same sum, so every rank finds the non-finite value one rank sent
-    for name in ("blocking", "overlap, 3 buckets"):
-        model = fresh_model()
-        sync = syncs[name](model)
-        sync.leave_check_to_optimizer()
-        opt = make_optimizer("sgd", sync.params, momentum=0.9)
-        model.params.grad[...] = 1.0
-        if comm.rank == comm.size - 1:
-            model.params.grad[7] = np.nan
-        for offset in first_offsets(model):
-            if sync.on_grads_ready is not None:
-                sync.on_grads_ready(offset)
-        assert sync.synchronize(StepFlags()).nonfinite == 0, name  # not checked before the sum
-        assert opt.step(0.1, check=True) == 1, name
-        sync.after_update()
+    # train.nonfinite=stop: the sync leaves the check to the update; after_update agrees on what
+    # the updates found (the allreduce: every rank updates the same sum; shared memory: the
+    # owner of the element's part finds it, the flags ride the node sync), so every rank stops
+    stop_paths = ["blocking", "overlap, 3 buckets"] + (["shared memory"] if "shared memory" in syncs else [])
+    for name in stop_paths:
+        for bad_rank in (None, comm.size - 1):
+            model = fresh_model()
+            sync = syncs[name](model)
+            sync.leave_check_to_optimizer()
+            opt = make_optimizer("sgd", sync.params, momentum=0.9)
+            model.params.grad[...] = 1.0
+            if comm.rank == bad_rank:
+                model.params.grad[7] = np.nan
+            for offset in first_offsets(model):
+                if sync.on_grads_ready is not None:
+                    sync.on_grads_ready(offset)
+            sync.part_done()
+            assert sync.synchronize(StepFlags()).nonfinite == 0, name  # not checked before the sum
+            found = opt.step(0.1, check=True)
+            if name != "shared memory":
+                assert found == (bad_rank is not None), (name, found)
+            agreed = sync.after_update(found)
+            assert (agreed > 0) == (bad_rank is not None), (name, bad_rank, agreed)
 
     # batch statistics: the sums over every rank, also from a rank with nothing to add
     model = fresh_model()

@@ -5,13 +5,14 @@ The tiny config's gradient is small; these runs use the default 784-512-512-10 M
 real images (one epoch, global batch 100, 30 steps) so every path moves a real-sized buffer:
 node shared memory (the default on one node; with Adam and AdamW, whose state is split over
 the ranks and gathered into checkpoints), the blocking MPI allreduce, buckets overlapped with
-backward, and drop_last. Each one's summary says which sync ran and counts its collectives.
+backward (dist.overlap=always; =true runs them only where a core is free), and drop_last. Each one's summary says which sync ran and counts its collectives.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from ddtrain.parallel.threads import usable_cores
 from tests.helpers import ddtrain, step_losses, summary
 
 pytestmark = pytest.mark.mpi
@@ -23,9 +24,15 @@ RUN = ["--config", "mlp", "--epochs", "1", "--train-samples", "3000", "--batch-s
 PATHS = {
     "shared memory": ([], "node shared memory (2 ranks on one node)", {"node_sync": 2}),
     "allreduce": (["--set", "dist.shared_memory=false"], "MPI allreduce, blocking", {"Allreduce": 1}),
-    "overlap": (["--set", "dist.shared_memory=false", "--set", "dist.overlap=true", "--set", "dist.bucket_mb=0.5"],
+    "overlap": (["--set", "dist.shared_memory=false", "--set", "dist.overlap=always", "--set", "dist.bucket_mb=0.5"],
                 "MPI allreduce, bucketed, overlapped with backward", None),
 }
+# dist.overlap=true overlaps only where a core is free beside the 2 ranks' threads (1 each)
+PATHS["overlap where a core is free"] = (
+    ["--set", "dist.shared_memory=false", "--set", "dist.overlap=true", "--set", "dist.bucket_mb=0.5"],
+    *(("MPI allreduce, bucketed, overlapped with backward", None) if usable_cores() > 2 else
+      ("MPI allreduce, blocking (dist.overlap declined: the 2 rank(s) of this node and their threads occupy "
+       "every core, none is free to progress overlapped buckets)", {"Allreduce": 1})))
 
 
 def _one_process(tmp_path_factory, name, options):

@@ -47,13 +47,15 @@ def make_sync(dist, comm, model, is_gpu: bool = False, nonfinite: str = "stop") 
     one process gives the bits N ranks give); one process -> OneProcess; node shared memory
     where it applies and dist.shared_memory is auto or true -> NodeSharedMemory (true refuses
     with a ConfigError naming what rules it out); else MPIAllreduce (dist.overlap, bucket_mb;
-    overlap only where a core is free to progress the buckets, else blocking, said in its label).
-    With nonfinite "stop", OneProcess and MPIAllreduce (each rank updates from the whole summed
-    gradient) leave the non-finite check to the update (base.py: `optimizer_checks`).
+    overlap=true only where a core is free to progress the buckets, else blocking, said in its
+    label; "always": buckets anyway).
+    With nonfinite "stop", OneProcess, MPIAllreduce and NodeSharedMemory on one node leave the
+    non-finite check to the update (base.py: `optimizer_checks`).
     Collective: every rank calls it at the same point. Build the optimizer over `.params` after.
     """
     sync = _make(dist, comm, model, is_gpu)
-    if nonfinite == "stop" and isinstance(sync, (OneProcess, MPIAllreduce)):
+    one_node = isinstance(sync, NodeSharedMemory) and sync.node.local_size == comm.size
+    if nonfinite == "stop" and (isinstance(sync, (OneProcess, MPIAllreduce)) or one_node):
         sync.leave_check_to_optimizer()
     return sync
 
@@ -70,7 +72,7 @@ def _make(dist, comm, model, is_gpu: bool) -> GradientSync:
                                          f"allreduce where shared memory cannot apply)"))
     if dist.deterministic:
         return FixedPointAllreduce(comm, model, dist.micro_shards)
-    if dist.overlap and not core_free_beside(comm.local_size):
+    if dist.overlap is True and not core_free_beside(comm.local_size):
         # MPICH progresses a nonblocking collective only inside MPI calls unless a core is
         # free: buckets then cost 1.2-1.6x the one blocking call and overlap nothing (2 ranks on
         # the 2-core Xeon), so the node runs the blocking one and says why.
@@ -78,4 +80,4 @@ def _make(dist, comm, model, is_gpu: bool) -> GradientSync:
         sync.label += (f" (dist.overlap declined: the {comm.local_size} rank(s) of this node and their threads "
                        f"occupy every core, none is free to progress overlapped buckets)")
         return sync
-    return MPIAllreduce(comm, model, overlap=dist.overlap, bucket_mb=dist.bucket_mb)
+    return MPIAllreduce(comm, model, overlap=bool(dist.overlap), bucket_mb=dist.bucket_mb)

@@ -17,12 +17,14 @@ for non-finite values *before* the sum (a sum is non-finite iff one of its terms
 overflow): layer by layer as backward reports them (`on_grads_ready`), while each layer's
 gradient is still in cache, and whatever backward did not report at the sync point. The flags
 travel in the collective that sums the gradients, so agreeing on them costs no extra call.
-Where the run stops on a non-finite gradient (train.nonfinite=stop, the default) and every
-rank then holds the same whole summed gradient (one process, the MPI allreduce), the sync
-leaves the check to the update instead (`optimizer_checks`): the optimizer reads the gradient
-anyway, and its compiled pass checks it in the same read (ddtrain.engine.kernels), so the
-check costs no pass of its own. Every rank finds the same answer, and a non-finite step then
-stops the run after its update, which is never saved (no checkpoint is written on that stop).
+Where the run stops on a non-finite gradient (train.nonfinite=stop, the default), the sync
+leaves the check to the update instead (`optimizer_checks`; one process, the MPI allreduce,
+shared memory on one node): the optimizer reads the summed gradient anyway, and its compiled
+pass checks it in the same read (ddtrain.engine.kernels), so the check costs no pass of its
+own. `after_update(nonfinite)` makes every rank agree on what the updates found (the same
+whole sum on every rank of the allreduce; on one node the flags ride the node sync that
+publishes the parts), and a non-finite step then stops the run after its update, which is
+never saved (no checkpoint is written on that stop).
 
 Every implementation also owns: where the model's buffers live (shared memory moves them),
 the start-up broadcast of rank 0's parameters and buffers, optimizer-state gather/scatter for
@@ -86,8 +88,9 @@ class GradientSync(Protocol):
     def synchronize(self, flags: StepFlags) -> StepFlags:
         """Gradients become the global mean in `params.grad`; returns the flags over all ranks."""
 
-    def after_update(self) -> None:
-        """After this rank's update (or a skipped step)."""
+    def after_update(self, nonfinite: int = 0) -> int:
+        """After this rank's update (or a skipped step); `nonfinite`: what the update's own check
+        found (0 where it was not asked). Returns that count agreed over ranks."""
 
     def full_optimizer_state(self, state: dict) -> dict:
         """The whole optimizer state from this rank's (for a checkpoint). Collective."""
@@ -116,7 +119,7 @@ class SyncBase:
 
     def leave_check_to_optimizer(self) -> None:
         """Check no gradient here: the update does (`optimizer_checks`; see the module docstring).
-        Only for a sync whose every rank updates from the same whole summed gradient."""
+        Only for a sync whose `after_update` agrees on what the updates found."""
         self.optimizer_checks = True
         self._unchecked = 0  # nothing left to check, every step
         if self.on_grads_ready == self._check_ready:
@@ -166,8 +169,8 @@ class SyncBase:
     def part_done(self) -> None:
         return None
 
-    def after_update(self) -> None:
-        return None
+    def after_update(self, nonfinite: int = 0) -> int:
+        return nonfinite  # every rank updated from the same whole sum: all found the same
 
     # -- checkpoints ----------------------------------------------------------------
     def full_optimizer_state(self, state: dict) -> dict:

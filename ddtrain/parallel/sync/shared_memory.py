@@ -16,6 +16,9 @@ A training step, on every rank:
                     several nodes: MPI_Allreduce of my part with the ranks owning it elsewhere
     optimizer.step(lr) over `params` = (parameters[my part], my slot[my part])
     after_update(): node sync             (every part is updated: the next forward may read)
+With train.nonfinite=stop on one node, the optimizer checks my part of the sum as it updates it
+(instead of each rank checking its own slot before the sum, a pass over the whole gradient) and
+after_update reads every rank's finding from the flags after that node sync.
 So the reduction reads each gradient element once, and each rank runs the optimizer over P / L
 elements. Optimizer state (momentum) exists only for the owner's part (ZeRO stage 1 inside the
 node); `full_optimizer_state` / `optimizer_state_part` convert for checkpoints. Buffers
@@ -38,7 +41,7 @@ from __future__ import annotations
 from ddtrain.parallel.node import part_bounds
 from ddtrain.parallel.sync.base import StepFlags, SyncBase
 
-N_FLAGS = 2  # StepFlags' fields, in order
+N_FLAGS = 2  # StepFlags' fields, in order; then what the rank's update found (after_update)
 
 
 class NodeSharedMemory(SyncBase):
@@ -51,7 +54,7 @@ class NodeSharedMemory(SyncBase):
         flat = model.params
         L, r = node.local_size, node.local_rank
         block = node.shared_array((L + 1, flat.size), flat.data.dtype)
-        self._flags = node.shared_array((L, N_FLAGS), "int64")
+        self._flags = node.shared_array((L, N_FLAGS + 1), "int64")
         # Local rank 0 brings the parameters (every rank built the same ones; one writer is
         # enough and is race-free); every rank zeroes its own slot.
         model.use_buffers(block[0], block[1 + r], copy_data=(r == 0))
@@ -76,10 +79,10 @@ class NodeSharedMemory(SyncBase):
     def synchronize(self, flags: StepFlags) -> StepFlags:
         node, r = self.node, self.node.local_rank
         # My own slot is non-finite iff my share makes the sum so: check it before summing.
-        self._flags[r] = flags.stop, self.local_nonfinite()
+        self._flags[r, :N_FLAGS] = flags.stop, self.local_nonfinite()
         node.node_sync()
         self.calls["node_sync"] += 1
-        agreed = self._flags.sum(axis=0)
+        agreed = self._flags[:, :N_FLAGS].sum(axis=0)
         node.cross_Allreduce(agreed)
         a, b = self.start, self.stop
         mine = self.params.grad
@@ -92,9 +95,17 @@ class NodeSharedMemory(SyncBase):
             self.calls["cross-node Allreduce"] += 1 + (b > a)
         return StepFlags(stop=int(agreed[0]), nonfinite=int(agreed[1]))
 
-    def after_update(self) -> None:
+    def after_update(self, nonfinite: int = 0) -> int:
+        r = self.node.local_rank
+        if self.optimizer_checks:
+            self._flags[r, N_FLAGS] = nonfinite  # what my part's update found; read after the sync
         self.node.node_sync()
         self.calls["node_sync"] += 1
+        if not self.optimizer_checks:
+            return nonfinite
+        # Its own column: a rank past this sync may already write the next step's flags, and the
+        # next write of this column comes after the next step's first node sync.
+        return int(self._flags[:, N_FLAGS].sum())
 
     def full_optimizer_state(self, state: dict) -> dict:
         """The whole optimizer state from each local rank's state of its part, as a one-process
