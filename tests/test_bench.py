@@ -210,3 +210,14 @@ def test_bench_refuses_bad_options(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "ddtrain.bench", "--impls", "ddtrain,tensorflow"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and "tensorflow" in proc.stderr and "valid:" in proc.stderr
+
+
+def test_the_sgemm_library_comparison_runs(tmp_path):
+    """gemm_libraries times the mlp's products through numpy and torch (torch is in the test venv)
+    and checks every library's result against numpy's."""
+    proc = subprocess.run([PYTHON, "-m", "ddtrain.benchmarks.gemm_libraries", "--batch", "16"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["rows"]) == 8 and positive(result["total_us"]["numpy (OpenBLAS)"])
+    assert positive(result["total_us"]["torch"])

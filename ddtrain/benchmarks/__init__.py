@@ -9,6 +9,8 @@ Each is a module run as ``python -m ddtrain.benchmarks.NAME`` and prints one JSO
                 communication and Python
   allreduce     the gradient reduction against a bare mpi4py Allreduce (2 ranks)
   mpich_algorithms  MPICH's allreduce algorithms on the same buffer (2 ranks, one node)
+  gemm_libraries  the mlp's 8 products through numpy's OpenBLAS, PyTorch (MKL) and MKL
+                directly, where Intel's mkl wheel is installed (not run by `ddtrain bench`)
   cnn           ddtrain's CNNs against PyTorch, one BLAS thread, batch 128 (prints a table;
                 its figures go to the file given as --json)
 """
