@@ -2,7 +2,8 @@
 with the same results, chosen once.
 
 `MaxPool2d` calls `layer.kernels.max_pool` and `.max_unpool`, BatchNorm `.scale_shift` (forward)
-and `.scale_shift_sum` (its input gradient), SGD `.sgd`; none asks which implementation it has:
+and `.scale_shift_sum` (its input gradient), ReLU `.relu` and `.relu_backward`, Linear
+`.add_bias`, SGD `.sgd`; none asks which implementation it has:
   * `Reference`: whole-array ops of the array module (numpy or CuPy), one strided (N, C, Ho, Wo)
     view per kernel offset. With channels-last data numpy loops 32 floats at a time there
     (the channel run), which makes the first block's pool the CNN step's slowest element-wise
@@ -17,7 +18,7 @@ and `.scale_shift_sum` (its input gradient), SGD `.sgd`; none asks which impleme
     reads the gradient, momentum and parameters once and writes momentum and parameters once
     (the reference: two axpby passes), checking the gradient for NaN and infinity in the same
     pass: 280 against 376 us over the mlp's 670k floats, and the check's 82 us gone (one
-    core of the 2-core Xeon; memory-bound).
+    core of the 2-core Xeon; memory-bound). ReLU and a Linear's bias add are one pass each.
 Both give the same values bit for bit: max is exact, a tie goes to the first offset in
 row-major window order (PyTorch's), NaN propagates, and where windows overlap the gradient
 is added in the same order (offset by offset); the affine passes round each product and sum
@@ -338,8 +339,9 @@ ELEMENTWISE_PIECE = 1 << 18  # elements (1 MB of float32): below it one call on 
 
 
 def _pieces(team, n: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges of a flat element-wise pass for the team's workers."""
-    return team.cut(n, ELEMENTWISE_PIECE) if n else [(0, 0)]
+    """[start, stop) ranges of a flat element-wise pass for the team's workers (element-wise:
+    the bits do not depend on the cut, so one worker takes it whole)."""
+    return team.cut(n, ELEMENTWISE_PIECE) if n and team.size > 1 else [(0, n)]
 
 
 def _channels_last(a) -> bool:
