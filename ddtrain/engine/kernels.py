@@ -55,6 +55,16 @@ def nonfinite(xp, g) -> int:
     return 0 if bool(xp.isfinite(g).all()) else 1
 
 
+def l2_added(xp, g, p, weight_decay: float, out):
+    """g + weight_decay * p (L2 as torch.optim adds it to the gradient) into `out`, rounded as
+    torch rounds it (the product, then the sum); g itself when weight_decay is 0."""
+    if weight_decay == 0:
+        return g
+    xp.multiply(p, weight_decay, out=out)
+    xp.add(g, out, out=out)
+    return out
+
+
 def offset_view(a, i: int, j: int, ho: int, wo: int, s: int):
     """The (N, C, Ho, Wo) strided view a[:, :, i + s*ho, j + s*wo] of an (N, C, H, W) array."""
     return a[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
@@ -199,11 +209,7 @@ class Reference:
         and g holds a NaN or infinity (the update is made either way), else 0."""
         xp = self.xp
         bad = nonfinite(xp, g) if check else 0
-        d = g
-        if weight_decay:  # d = g + wd * p, as torch adds L2
-            d = temps(0)
-            xp.multiply(p, weight_decay, out=d)
-            xp.add(g, d, out=d)
+        d = l2_added(xp, g, p, weight_decay, temps(0)) if weight_decay else g
         if momentum:
             if first:
                 buf[...] = d

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ddtrain.engine.kernels import for_array_module, nonfinite
+from ddtrain.engine.kernels import for_array_module, l2_added, nonfinite
 from ddtrain.engine.params import FlatParams
 from ddtrain.choices import registry, unknown
 from ddtrain import choices
@@ -57,13 +57,7 @@ class Optimizer:
 
     def _weight_decayed_grad(self, wd: float):
         """grad + wd * param (L2 as torch adds it), or grad itself when wd == 0."""
-        g = self.params.grad
-        if wd == 0:
-            return g
-        t = self._temp(0)
-        self.xp.multiply(self.params.data, wd, out=t)
-        self.xp.add(g, t, out=t)
-        return t
+        return l2_added(self.xp, self.params.grad, self.params.data, wd, self._temp(0) if wd else None)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Host copies of the state: flat arrays by name plus "step" = array([steps])."""

@@ -39,8 +39,7 @@ def usable_cores() -> int:
 def core_free_beside(ranks_here: int, env: Mapping[str, str] = os.environ) -> bool:
     """Whether this node has a core that none of its `ranks_here` ranks' threads (the count
     configure_threads set, OMP_NUM_THREADS) occupies: one that can progress MPI while they compute."""
-    threads = env.get("OMP_NUM_THREADS", "1")
-    return usable_cores() > ranks_here * (int(threads) if threads.isdigit() and int(threads) > 0 else 1)
+    return usable_cores() > ranks_here * _positive(env.get("OMP_NUM_THREADS", "1"), "OMP_NUM_THREADS")
 
 
 def ranks_on_node(env: Mapping[str, str] = os.environ) -> int:

@@ -241,12 +241,12 @@ class Trainer:
         t = time.perf_counter()
         flags = self.sync.synchronize(StepFlags(stop=stop_requested))
         timer.add("comm_wait", time.perf_counter() - t)
+        found = 0  # what the update's own check found, where the sync left the check to it
         if flags.nonfinite:
             if self.cfg.train.nonfinite == "stop":
                 raise self._nonfinite_stop(step)
             self.log(f"step {step + 1}: non-finite gradient, step skipped (train.nonfinite=skip)")
-        found = 0  # what the update's own check found, where the sync left the check to it
-        if not flags.nonfinite:
+        else:
             t = time.perf_counter()
             found = self.optimizer.step(self.schedule.lr(step), check=self.sync.optimizer_checks)
             timer.add("optimizer", time.perf_counter() - t)

@@ -49,13 +49,12 @@ def make_sync(dist, comm, model, is_gpu: bool = False, nonfinite: str = "stop") 
     with a ConfigError naming what rules it out); else MPIAllreduce (dist.overlap, bucket_mb;
     overlap=true only where a core is free to progress the buckets, else blocking, said in its
     label; "always": buckets anyway).
-    With nonfinite "stop", OneProcess, MPIAllreduce and NodeSharedMemory on one node leave the
-    non-finite check to the update (base.py: `optimizer_checks`).
+    With nonfinite "stop", a sync whose update can check (`update_can_check`: all but the fixed
+    point and shared memory across nodes) leaves the non-finite check to it (base.py).
     Collective: every rank calls it at the same point. Build the optimizer over `.params` after.
     """
     sync = _make(dist, comm, model, is_gpu)
-    one_node = isinstance(sync, NodeSharedMemory) and sync.node.local_size == comm.size
-    if nonfinite == "stop" and (isinstance(sync, (OneProcess, MPIAllreduce)) or one_node):
+    if nonfinite == "stop" and sync.update_can_check:
         sync.leave_check_to_optimizer()
     return sync
 

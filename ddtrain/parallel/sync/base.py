@@ -40,7 +40,6 @@ the same number of times, also on a skipped step and with an empty slice of the 
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -70,6 +69,7 @@ class GradientSync(Protocol):
     params: FlatPart  # the range of the flat vector this rank's optimizer updates
     weights_can_differ: bool  # whether ranks hold weights of their own (fingerprint checks apply)
     optimizer_checks: bool  # the update checks the gradient (step(lr, check=True)), the sync does not
+    update_can_check: bool  # whether it may (`leave_check_to_optimizer`)
     on_grads_ready: Callable[[int], None] | None  # Sequential.backward's hook
     calls: Counter  # collectives run so far, by name
 
@@ -105,6 +105,9 @@ class SyncBase:
 
     label = "?"
     optimizer_checks = False
+    # Whether after_update can agree on what the updates found, so that the update may check
+    # the gradient instead of this sync (every rank updates the same whole sum: True here).
+    update_can_check = True
 
     def __init__(self, comm, model):
         self.comm, self.model = comm, model
@@ -119,7 +122,7 @@ class SyncBase:
 
     def leave_check_to_optimizer(self) -> None:
         """Check no gradient here: the update does (`optimizer_checks`; see the module docstring).
-        Only for a sync whose `after_update` agrees on what the updates found."""
+        Only for a sync whose `after_update` agrees on what the updates found (`update_can_check`)."""
         self.optimizer_checks = True
         self._unchecked = 0  # nothing left to check, every step
         if self.on_grads_ready == self._check_ready:

@@ -65,6 +65,7 @@ class NodeSharedMemory(SyncBase):
         self.full = flat
         nodes = comm.size // L
         self.weights_can_differ = nodes > 1  # one node holds one copy: nothing can differ
+        self.update_can_check = nodes == 1  # the updates' flags ride after_update's node sync
         self.label = (f"node shared memory ({L} ranks on one node)" if nodes == 1 else
                       f"node shared memory ({L} ranks per node), each part allreduced across {nodes} nodes")
 
