@@ -29,6 +29,10 @@ makes single runs meaningless. Sections (``--sections``):
              same initial weights, 1 BLAS thread, batch 128 (ddtrain.benchmarks.cnn): one process
              whose rounds alternate the two, samples/s, ddtrain's fraction of the sgemm-peak limit
              (training FLOPs at the measured 1-thread sgemm rate) and its per-layer forward/backward ms.
+  cnn-ranks  the same two CNNs trained by `ddtrain train` (a config written from their layers; SGD
+             momentum 0.9), one thread a rank, per-rank batch 64: 2 ranks through node shared
+             memory (the default) and through the MPI allreduce (BatchNorm's cross-rank sums
+             included) against two independent 1-rank runs started together; peak RSS per rank.
   gpu        `ddtrain train --device gpu` against the PyTorch loop on CUDA, one process, at batches
              256, 1024 and 4096, when CuPy sees a GPU (torch's row when torch sees one too);
              otherwise recorded as skipped, with the reason. (Never run yet: no GPU here.)
@@ -64,7 +68,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = "ddtrain.benchmarks"  # the scripts, run as `python -m ddtrain.benchmarks.NAME`
 BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 IMPLS = ("ddtrain", "numpy", "numpy-reuse", "torch", "products")  # products: the products-only limit
-SECTIONS = ("single", "ranks", "allreduce", "startup", "profile", "cnn", "gpu")
+SECTIONS = ("single", "ranks", "allreduce", "startup", "profile", "cnn", "cnn-ranks", "gpu")
 GPU_BATCHES = (256, 1024, 4096)  # a GPU needs large batches to be busy
 CNN_MODELS = ("cnn", "cnn-bn")  # ddtrain.benchmarks.cnn's models
 CNN_BATCH = 128  # the CNN goals are stated at batch 128: --quick keeps it (fewer steps instead)
@@ -73,6 +77,7 @@ DDTRAIN_PAIRS = {"2 ranks": (),
                  "2 ranks, allreduce": ("dist.shared_memory=false",),
                  "2 ranks, allreduce overlap": ("dist.shared_memory=false", "dist.overlap=true")}
 RANK_VARIANTS = ("1 rank", *DDTRAIN_PAIRS, "2 independent", "numpy+mpi4py", "numpy+shm")
+CNN_RANK_VARIANTS = ("2 ranks", "2 ranks, allreduce", "2 independent")  # cnn-ranks: no overlap, no loops
 RUN_TIMEOUT = 600  # seconds any one process may take
 # The ratio a 2-rank run would reach if its step were an independent step plus one bare Allreduce.
 ALLREDUCE_MODEL = "model: independent step + one bare Allreduce"
@@ -98,6 +103,9 @@ GOALS = (
      "(worse of the two)", 1.5, "min"),
     ("cnn_limit", "CNNs, batch 128: ddtrain / the sgemm-peak limit (training FLOPs at the 1-thread sgemm rate; "
      "worse of the two)", 0.4, "min"),
+    ("cnn_pair", "CNNs, 2 ranks (node shared memory, per-rank batch 64) / two independent processes "
+     "(worse of the two)", 0.95, "min"),
+    ("cnn_rss", "CNNs, peak RSS per rank, MB (2 ranks and independent runs, dataset included)", 500.0, "max"),
     ("help", "ddtrain --help, s", 0.5, "max"),
     ("first_step", "launch to first training step, s (worst of 1 and 2 ranks)", 3.0, "max"),
 )
@@ -246,9 +254,27 @@ class Runner:
         """ddtrain's train.log_every in benchmark runs: its step records time the run."""
         return min(50, max(1, samples // batch // 5))
 
-    def ddtrain_cmd(self, batch: int, run_dir: Path, samples: int, sets=(), device: str = "cpu") -> list[str]:
+    def cnn_config(self, model: str) -> str:
+        """A training config (a YAML file in the work directory) of ddtrain.benchmarks.cnn's `model`:
+        its layers, cross-entropy, SGD with its learning rate and momentum, no schedule."""
+        path = self.workdir / f"{model}.yaml"
+        if not path.exists():
+            import yaml
+
+            from ddtrain.benchmarks import cnn
+            cfg = {"model": {"layers": cnn.layers(batchnorm=model == "cnn-bn"), "init": "pytorch",
+                             "loss": "cross_entropy"},
+                   "optimizer": {"name": "sgd", "lr": cnn.LR, "momentum": cnn.MOMENTUM},
+                   "schedule": {"name": "constant"}, "data": {"dataset": "fashion-mnist"},
+                   # evaluation in batches of CNN_BATCH, as training (1,000 would dominate peak RSS)
+                   "train": {"epochs": 1, "batch_size": CNN_BATCH, "eval_batch_size": CNN_BATCH}}
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return str(path)
+
+    def ddtrain_cmd(self, batch: int, run_dir: Path, samples: int, sets=(), device: str = "cpu",
+                    config: str = "mlp") -> list[str]:
         log_every = self.log_every(batch, samples)
-        cmd = [self.python, "-m", "ddtrain", "train", "--config", "mlp", "--epochs", "1", "--device", device,
+        cmd = [self.python, "-m", "ddtrain", "train", "--config", config, "--epochs", "1", "--device", device,
                "--batch-size", str(batch), "--threads", "1", "--run-dir", str(run_dir), "--overwrite",
                "--set", f"data.train_samples={samples}", "--set", f"train.log_every={log_every}"]
         for s in sets:
@@ -276,9 +302,10 @@ class Runner:
                 "first_step_seconds": summary["first_step_seconds"], "comm_wait_ms": b["timing_ms"]["comm_wait"],
                 "timing_ms": b["timing_ms"], "gradient_sync": summary.get("gradient_sync")}
 
-    def ddtrain(self, setting: dict, batch: int, samples: int, ranks: int = 1, sets=(), device: str = "cpu") -> dict:
+    def ddtrain(self, setting: dict, batch: int, samples: int, ranks: int = 1, sets=(), device: str = "cpu",
+                config: str = "mlp") -> dict:
         run_dir = self.run_dir(f"ddtrain-{ranks}x{batch}")
-        cmd = self.ddtrain_cmd(batch, run_dir, samples, sets, device)
+        cmd = self.ddtrain_cmd(batch, run_dir, samples, sets, device, config)
         if ranks > 1:
             cmd = self.mpiexec(ranks) + cmd
         self.run(cmd, setting)
@@ -312,10 +339,10 @@ class Runner:
             result.setdefault("peak_rss_mb_per_rank", [result["peak_rss_mb"]])
         return result
 
-    def independent_pair(self, setting: dict, batch: int, samples: int) -> dict:
+    def independent_pair(self, setting: dict, batch: int, samples: int, config: str = "mlp") -> dict:
         """Two 1-rank ddtrain runs started at the same time: their summed samples/s."""
         dirs = [self.run_dir(f"pair{i}-{batch}") for i in (0, 1)]
-        cmds = [self.ddtrain_cmd(batch, d, samples) for d in dirs]
+        cmds = [self.ddtrain_cmd(batch, d, samples, config=config) for d in dirs]
         procs = [self.start(c, setting) for c in cmds]
         for p, c in zip(procs, cmds):
             self.finish(p, c)
@@ -521,6 +548,36 @@ def section_cnn(r: Runner, setting: dict) -> dict:
             "torch_skipped": missing, "models": models}
 
 
+def section_cnn_ranks(r: Runner, setting: dict) -> dict:
+    """{model: cell}: the two CNNs trained by `ddtrain train` on 2 ranks (per-rank batch CNN_BATCH / 2,
+    one thread each) through node shared memory and through the MPI allreduce, against two
+    independent 1-rank runs at the same batch started together; 3x --cnn-steps global steps a
+    run (the independent runs make twice as many of their own), ratios paired within a round."""
+    o = r.opts
+    b = CNN_BATCH // 2
+    samples = 3 * o.cnn_steps * 2 * b
+    sets = {"2 ranks": (), "2 ranks, allreduce": ("dist.shared_memory=false",)}
+    out = {}
+    for model in CNN_MODELS:
+        config = r.cnn_config(model)
+        runs = {v: [] for v in CNN_RANK_VARIANTS}
+        for rnd in range(o.rounds):
+            for v in rotate(list(CNN_RANK_VARIANTS), rnd):
+                res = (r.independent_pair(setting, b, samples, config=config) if v == "2 independent"
+                       else r.ddtrain(setting, 2 * b, samples, ranks=2, sets=sets[v], config=config))
+                runs[v].append(res)
+                r.echo(f"  [{setting['label']}] round {rnd + 1}/{o.rounds} {model} per-rank batch {b} {v}: "
+                       f"{res['samples_per_second']:,.0f} samples/s")
+        cell = {v: summarize([x["samples_per_second"] for x in runs[v]]) for v in CNN_RANK_VARIANTS}
+        for v in CNN_RANK_VARIANTS:
+            cell[v]["peak_rss_mb_per_rank"] = max(max(x["peak_rss_mb_per_rank"]) for x in runs[v])
+        for v in sets:
+            cell[f"{v} / 2 independent"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
+                                                      for a, c in zip(runs[v], runs["2 independent"])])
+        out[model] = cell
+    return {"per_rank_batch": b, "models": out}
+
+
 def gpu_devices(python: str) -> dict:
     """{"cupy": device count or the reason there is none, "torch": ...}, asked in subprocesses
     (this process never initialises CUDA)."""
@@ -579,6 +636,10 @@ def goals(result: dict, setting: int = 0) -> list[dict]:
         each = [(c.get(of) or {}).get("median") for c in cnn.values()]
         # "both CNNs": the worse one, measured only when both were
         fig[key] = min(each) if len(each) == len(CNN_MODELS) and None not in each else None
+    cnn_ranks = ((first.get("cnn-ranks") or {}).get("models") or {}).values()
+    pairs = [(c.get("2 ranks / 2 independent") or {}).get("median") for c in cnn_ranks]
+    fig["cnn_pair"] = min(pairs) if len(pairs) == len(CNN_MODELS) and None not in pairs else None
+    fig["cnn_rss"] = max((c[v]["peak_rss_mb_per_rank"] for c in cnn_ranks for v in CNN_RANK_VARIANTS), default=None)
     firsts = [v["median"] for v in (st.get("first_step_seconds") or {}).values()]
     fig["first_step"] = max(firsts) if firsts else None
     rows = []
@@ -643,6 +704,15 @@ def format_table(result: dict) -> str:
             lines += ["", "profile of one steady-state step, ms"] + _grid(head, rows)
         if "cnn" in s:
             lines += [""] + _cnn_table(s["cnn"])
+        if "cnn-ranks" in s:
+            cr = s["cnn-ranks"]
+            keys = [*CNN_RANK_VARIANTS, "2 ranks / 2 independent", "2 ranks, allreduce / 2 independent"]
+            rows = [[m, *(_cell(c[k], "{:,.0f}" if "/" not in k else "{:.3f}") for k in keys),
+                     _f(max(c[v]["peak_rss_mb_per_rank"] for v in CNN_RANK_VARIANTS))]
+                    for m, c in cr["models"].items()]
+            lines += ["", f"CNNs trained by ddtrain train, 2 ranks at per-rank batch {cr['per_rank_batch']}, "
+                          "one thread each: samples/s (global) and ratios paired per round"]
+            lines += _grid(["model", *keys, "peak RSS MB/rank"], rows)
     ar = result.get("allreduce")
     if ar:
         med = ar["median_us"]
@@ -760,6 +830,8 @@ def run_bench(opts: Options, echo=print) -> dict:
                 s["profile"] = section_profile(r, setting)
             if "cnn" in opts.sections:
                 s["cnn"] = section_cnn(r, setting)
+            if "cnn-ranks" in opts.sections:
+                s["cnn-ranks"] = _optional(lambda: section_cnn_ranks(r, setting), echo)
             result["settings"].append({k: v for k, v in s.items() if v is not None})
             if i == 0:  # neither the reduction nor the start-up uses BLAS kernels: measured once
                 if "allreduce" in opts.sections:

@@ -127,6 +127,25 @@ def test_quick_cnn_section(tmp_path):
     assert "issue" not in table.lower()
 
 
+@pytest.mark.mpi
+def test_quick_cnn_ranks_section(tmp_path):
+    """Both CNNs trained by `ddtrain train` on 2 ranks (shared memory and the allreduce) and as two
+    independent runs: the rows, the goal figures, and the config written from the models' layers."""
+    mpiexec()
+    result, table = run_bench(tmp_path, "--sections", "cnn-ranks")
+    cr = result["settings"][0]["cnn-ranks"]
+    assert cr["per_rank_batch"] == 64 and set(cr["models"]) == {"cnn", "cnn-bn"}
+    for name, c in cr["models"].items():
+        for key in ("2 ranks", "2 ranks, allreduce", "2 independent", "2 ranks / 2 independent",
+                    "2 ranks, allreduce / 2 independent"):
+            assert positive(c[key]["median"]), (name, key)
+        assert all(positive(c[v]["peak_rss_mb_per_rank"]) for v in ("2 ranks", "2 independent"))
+    by_key = {g["goal"]: g for g in result["goals"]}
+    for key in ("cnn_pair", "cnn_rss"):
+        assert positive(by_key[key]["figure"]) and by_key[key]["what"] in table
+    assert "CNNs trained by ddtrain train, 2 ranks" in table
+
+
 def test_cnn_script_on_two_threads_runs_ddtrain_on_a_team_of_two_and_torch_on_two(tmp_path):
     """`python -m ddtrain.benchmarks.cnn --threads 2`: the threads are set before numpy loads,
     both sides run on them, and the table and JSON say so."""
