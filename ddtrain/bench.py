@@ -910,9 +910,11 @@ def _csv_choice(text: str, valid: tuple, what: str) -> tuple:
               help="BLAS settings to measure: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE as set, and/or unset.")
 @click.option("--blas-env", multiple=True, metavar="KEY=VALUE",
               help="The 'as set' values to use instead of the environment's, e.g. OPENBLAS_CORETYPE=Haswell.")
+@click.option("--cnn-steps", type=int, help="Timed steps per round of the cnn section; cnn-ranks runs 3x as "
+              "many global steps [10; quick: 2].")
 @click.option("--data-dir", type=click.Path(), help="FashionMNIST directory (else $DDTRAIN_DATA, cache, ...).")
 @click.option("-o", "--output", type=click.Path(), default="bench.json", show_default=True, help="JSON file to write.")
-def bench(quick, rounds, samples, batches, impls, sections, blas, blas_env, data_dir, output):
+def bench(quick, rounds, samples, batches, impls, sections, blas, blas_env, cnn_steps, data_dir, output):
     """Benchmark ddtrain against a hand-written numpy loop and PyTorch; data-parallel overhead; start-up; CNNs."""
     forced = {}
     for item in blas_env:
@@ -924,9 +926,11 @@ def bench(quick, rounds, samples, batches, impls, sections, blas, blas_env, data
                    batches=_csv_ints(batches, "batches"), impls=_csv_choice(impls, IMPLS, "impls"),
                    sections=_csv_choice(sections, SECTIONS, "sections"), blas=blas, blas_env=forced,
                    data_dir=str(Path(data_dir).resolve()) if data_dir else None, allreduce_repeats=10 if quick else 200, startup_runs=1 if quick else 5,
-                   cnn_steps=2 if quick else 10, quick=quick)
+                   cnn_steps=(2 if quick else 10) if cnn_steps is None else cnn_steps, quick=quick)
     if opts.rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, not {opts.rounds}")
+    if opts.cnn_steps < 1:
+        raise ConfigError(f"--cnn-steps must be at least 1, not {opts.cnn_steps}")
     result = run_bench(opts, echo=lambda m: click.echo(m, err=True))
     Path(output).write_text(json.dumps(result, indent=1) + "\n")
     click.echo(format_table(result))
