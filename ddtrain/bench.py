@@ -572,6 +572,7 @@ def section_cnn_ranks(r: Runner, setting: dict) -> dict:
         for v in CNN_RANK_VARIANTS:
             cell[v]["peak_rss_mb_per_rank"] = max(max(x["peak_rss_mb_per_rank"]) for x in runs[v])
         for v in sets:
+            cell[v]["gradient_sync"] = runs[v][-1]["gradient_sync"]
             cell[f"{v} / 2 independent"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
                                                       for a, c in zip(runs[v], runs["2 independent"])])
         out[model] = cell

@@ -130,7 +130,7 @@ def test_quick_cnn_section(tmp_path):
 @pytest.mark.mpi
 def test_quick_cnn_ranks_section(tmp_path):
     """Both CNNs trained by `ddtrain train` on 2 ranks (shared memory and the allreduce) and as two
-    independent runs: the rows, the goal figures, and the config written from the models' layers."""
+    independent runs: the rows, each 2-rank row's gradient sync, and the goal figures."""
     mpiexec()
     result, table = run_bench(tmp_path, "--sections", "cnn-ranks")
     cr = result["settings"][0]["cnn-ranks"]
@@ -140,6 +140,8 @@ def test_quick_cnn_ranks_section(tmp_path):
                     "2 ranks, allreduce / 2 independent"):
             assert positive(c[key]["median"]), (name, key)
         assert all(positive(c[v]["peak_rss_mb_per_rank"]) for v in ("2 ranks", "2 independent"))
+        assert c["2 ranks"]["gradient_sync"].startswith("node shared memory"), name
+        assert c["2 ranks, allreduce"]["gradient_sync"] == "MPI allreduce, blocking", name
     by_key = {g["goal"]: g for g in result["goals"]}
     for key in ("cnn_pair", "cnn_rss"):
         assert positive(by_key[key]["figure"]) and by_key[key]["what"] in table
