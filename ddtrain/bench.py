@@ -573,6 +573,7 @@ def section_cnn_ranks(r: Runner, setting: dict) -> dict:
             cell[v]["peak_rss_mb_per_rank"] = max(max(x["peak_rss_mb_per_rank"]) for x in runs[v])
         for v in sets:
             cell[v]["gradient_sync"] = runs[v][-1]["gradient_sync"]
+            cell[v]["comm_wait_ms"] = median([x["comm_wait_ms"]["max"] for x in runs[v]])
             cell[f"{v} / 2 independent"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
                                                       for a, c in zip(runs[v], runs["2 independent"])])
         out[model] = cell
@@ -714,6 +715,10 @@ def format_table(result: dict) -> str:
             lines += ["", f"CNNs trained by ddtrain train, 2 ranks at per-rank batch {cr['per_rank_batch']}, "
                           "one thread each: samples/s (global) and ratios paired per round"]
             lines += _grid(["model", *keys, "peak RSS MB/rank"], rows)
+            # the trainer's comm_wait: the gradient sync and the update's agreement (BatchNorm's sums
+            # wait inside forward and backward, and count there)
+            lines += [f"  {m}, {v}: exposed gradient-sync wait {_f(c[v]['comm_wait_ms'], '{:.2f}')} ms a step "
+                      "(slowest rank)" for m, c in cr["models"].items() for v in CNN_RANK_VARIANTS if "comm_wait_ms" in c[v]]
     ar = result.get("allreduce")
     if ar:
         med = ar["median_us"]

@@ -142,6 +142,7 @@ def test_quick_cnn_ranks_section(tmp_path):
         assert all(positive(c[v]["peak_rss_mb_per_rank"]) for v in ("2 ranks", "2 independent"))
         assert c["2 ranks"]["gradient_sync"].startswith("node shared memory"), name
         assert c["2 ranks, allreduce"]["gradient_sync"] == "MPI allreduce, blocking", name
+        assert all(c[v]["comm_wait_ms"] >= 0 for v in ("2 ranks", "2 ranks, allreduce"))
     by_key = {g["goal"]: g for g in result["goals"]}
     for key in ("cnn_pair", "cnn_rss"):
         assert positive(by_key[key]["figure"]) and by_key[key]["what"] in table
