@@ -414,21 +414,27 @@ def section_ranks(r: Runner, setting: dict, samples: int) -> dict:
                 runs[b][v].append(res)
                 r.echo(f"  [{setting['label']}] round {rnd + 1}/{o.rounds} per-rank batch {b} {v}: "
                        f"{res['samples_per_second']:,.0f} samples/s")
-    out = {}
-    for b in o.batches:
-        cell = {v: summarize([x["samples_per_second"] for x in runs[b][v]]) for v in RANK_VARIANTS}
-        for v in RANK_VARIANTS:
-            cell[v]["peak_rss_mb_per_rank"] = max(max(x["peak_rss_mb_per_rank"]) for x in runs[b][v])
-        for v in DDTRAIN_PAIRS:
-            cell[v]["comm_wait_ms"] = median([x["comm_wait_ms"]["max"] for x in runs[b][v]])
-            cell[v]["gradient_sync"] = runs[b][v][-1]["gradient_sync"]
-        for num, den in (*((v, "2 independent") for v in DDTRAIN_PAIRS), ("numpy+mpi4py", "2 independent"),
-                         ("numpy+shm", "2 independent"), ("2 ranks", "1 rank"),
-                         ("2 ranks, allreduce", "1 rank"), ("2 independent", "1 rank")):
-            cell[f"{num} / {den}"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
-                                                for a, c in zip(runs[b][num], runs[b][den])])
-        out[str(b)] = cell
-    return out
+    return {str(b): rank_cell(runs[b], (*((v, "2 independent") for v in DDTRAIN_PAIRS),
+                                         ("numpy+mpi4py", "2 independent"), ("numpy+shm", "2 independent"),
+                                         ("2 ranks", "1 rank"), ("2 ranks, allreduce", "1 rank"),
+                                         ("2 independent", "1 rank")))
+            for b in o.batches}
+
+
+def rank_cell(runs: dict, ratios) -> dict:
+    """{variant: runs} of one rank section -> its cell: samples/s summarized per variant with peak
+    RSS per rank, ddtrain's 2-rank variants with their gradient sync and exposed wait, and each
+    (numerator, denominator) of `ratios` as "num / den", paired within a round."""
+    cell = {v: summarize([x["samples_per_second"] for x in rs]) for v, rs in runs.items()}
+    for v, rs in runs.items():
+        cell[v]["peak_rss_mb_per_rank"] = max(max(x["peak_rss_mb_per_rank"]) for x in rs)
+    for v in DDTRAIN_PAIRS.keys() & runs.keys():
+        cell[v]["comm_wait_ms"] = median([x["comm_wait_ms"]["max"] for x in runs[v]])
+        cell[v]["gradient_sync"] = runs[v][-1]["gradient_sync"]
+    for num, den in ratios:
+        cell[f"{num} / {den}"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
+                                            for a, c in zip(runs[num], runs[den])])
+    return cell
 
 
 def section_allreduce(r: Runner, setting: dict) -> dict:
@@ -556,7 +562,7 @@ def section_cnn_ranks(r: Runner, setting: dict) -> dict:
     o = r.opts
     b = CNN_BATCH // 2
     samples = 3 * o.cnn_steps * 2 * b
-    sets = {"2 ranks": (), "2 ranks, allreduce": ("dist.shared_memory=false",)}
+    pairs = [v for v in CNN_RANK_VARIANTS if v in DDTRAIN_PAIRS]
     out = {}
     for model in CNN_MODELS:
         config = r.cnn_config(model)
@@ -564,19 +570,11 @@ def section_cnn_ranks(r: Runner, setting: dict) -> dict:
         for rnd in range(o.rounds):
             for v in rotate(list(CNN_RANK_VARIANTS), rnd):
                 res = (r.independent_pair(setting, b, samples, config=config) if v == "2 independent"
-                       else r.ddtrain(setting, 2 * b, samples, ranks=2, sets=sets[v], config=config))
+                       else r.ddtrain(setting, 2 * b, samples, ranks=2, sets=DDTRAIN_PAIRS[v], config=config))
                 runs[v].append(res)
                 r.echo(f"  [{setting['label']}] round {rnd + 1}/{o.rounds} {model} per-rank batch {b} {v}: "
                        f"{res['samples_per_second']:,.0f} samples/s")
-        cell = {v: summarize([x["samples_per_second"] for x in runs[v]]) for v in CNN_RANK_VARIANTS}
-        for v in CNN_RANK_VARIANTS:
-            cell[v]["peak_rss_mb_per_rank"] = max(max(x["peak_rss_mb_per_rank"]) for x in runs[v])
-        for v in sets:
-            cell[v]["gradient_sync"] = runs[v][-1]["gradient_sync"]
-            cell[v]["comm_wait_ms"] = median([x["comm_wait_ms"]["max"] for x in runs[v]])
-            cell[f"{v} / 2 independent"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
-                                                      for a, c in zip(runs[v], runs["2 independent"])])
-        out[model] = cell
+        out[model] = rank_cell(runs, [(v, "2 independent") for v in pairs])
     return {"per_rank_batch": b, "models": out}
 
 
