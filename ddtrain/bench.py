@@ -300,6 +300,7 @@ class Runner:
                 "peak_rss_mb": summary["peak_rss_mb"],
                 "peak_rss_mb_per_rank": summary["peak_rss_mb_per_rank"],
                 "first_step_seconds": summary["first_step_seconds"], "comm_wait_ms": b["timing_ms"]["comm_wait"],
+                "stats_sync_ms": b["timing_ms"]["stats_sync"],
                 "timing_ms": b["timing_ms"], "gradient_sync": summary.get("gradient_sync")}
 
     def ddtrain(self, setting: dict, batch: int, samples: int, ranks: int = 1, sets=(), device: str = "cpu",
@@ -430,6 +431,7 @@ def rank_cell(runs: dict, ratios) -> dict:
         cell[v]["peak_rss_mb_per_rank"] = max(max(x["peak_rss_mb_per_rank"]) for x in rs)
     for v in DDTRAIN_PAIRS.keys() & runs.keys():
         cell[v]["comm_wait_ms"] = median([x["comm_wait_ms"]["max"] for x in runs[v]])
+        cell[v]["stats_sync_ms"] = median([x["stats_sync_ms"]["max"] for x in runs[v]])
         cell[v]["gradient_sync"] = runs[v][-1]["gradient_sync"]
     for num, den in ratios:
         cell[f"{num} / {den}"] = summarize([ratio(a["samples_per_second"], c["samples_per_second"])
@@ -713,10 +715,11 @@ def format_table(result: dict) -> str:
             lines += ["", f"CNNs trained by ddtrain train, 2 ranks at per-rank batch {cr['per_rank_batch']}, "
                           "one thread each: samples/s (global) and ratios paired per round"]
             lines += _grid(["model", *keys, "peak RSS MB/rank"], rows)
-            # the trainer's comm_wait: the gradient sync and the update's agreement (BatchNorm's sums
-            # wait inside forward and backward, and count there)
-            lines += [f"  {m}, {v}: exposed gradient-sync wait {_f(c[v]['comm_wait_ms'], '{:.2f}')} ms a step "
-                      "(slowest rank)" for m, c in cr["models"].items() for v in CNN_RANK_VARIANTS if "comm_wait_ms" in c[v]]
+            # the trainer's comm_wait (the gradient sync and the update's agreement) and stats_sync
+            # (BatchNorm's cross-rank sums inside forward and backward)
+            lines += [f"  {m}, {v}: exposed gradient-sync wait {_f(c[v]['comm_wait_ms'], '{:.2f}')} ms a step, "
+                      f"BatchNorm's cross-rank sums {_f(c[v]['stats_sync_ms'], '{:.2f}')} ms (slowest rank)"
+                      for m, c in cr["models"].items() for v in CNN_RANK_VARIANTS if "comm_wait_ms" in c[v]]
     ar = result.get("allreduce")
     if ar:
         med = ar["median_us"]

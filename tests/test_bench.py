@@ -143,6 +143,9 @@ def test_quick_cnn_ranks_section(tmp_path):
         assert c["2 ranks"]["gradient_sync"].startswith("node shared memory"), name
         assert c["2 ranks, allreduce"]["gradient_sync"] == "MPI allreduce, blocking", name
         assert all(c[v]["comm_wait_ms"] >= 0 for v in ("2 ranks", "2 ranks, allreduce"))
+        # BatchNorm's cross-rank sums are timed as their own phase; a CNN without BatchNorm has none
+        for v in ("2 ranks", "2 ranks, allreduce"):
+            assert (c[v]["stats_sync_ms"] > 0) == (name == "cnn-bn"), (name, v, c[v]["stats_sync_ms"])
     by_key = {g["goal"]: g for g in result["goals"]}
     for key in ("cnn_pair", "cnn_rss"):
         assert positive(by_key[key]["figure"]) and by_key[key]["what"] in table

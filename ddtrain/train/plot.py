@@ -14,7 +14,7 @@ from ddtrain.errors import ConfigError, DDTrainError
 from ddtrain.train.metrics import read_metrics
 
 PHASE_COLORS = {"data": "#8c8c8c", "forward": "#1f77b4", "backward": "#ff7f0e",
-                "comm_wait": "#d62728", "optimizer": "#2ca02c"}
+                "stats_sync": "#9467bd", "comm_wait": "#d62728", "optimizer": "#2ca02c"}
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:

@@ -1,7 +1,7 @@
 """What a step and an epoch report: per-phase timings, straggler names, records and log lines.
 
 Every `train.log_every` steps, `StepLog.step` sums the step's loss over ranks, gathers every
-rank's mean phase times (data, forward, backward, comm_wait, optimizer), names a rank much
+rank's mean phase times (data, forward, backward, stats_sync, comm_wait, optimizer), names a rank much
 slower than the median (dist.straggler_ratio), writes a step record to metrics.jsonl and, about
 ten times an epoch, a console line. `StepLog.epoch` does the same for an epoch, with the
 training and test figures and the per-rank memory (the leak watch).
@@ -17,7 +17,10 @@ import numpy as np
 
 from ddtrain.train.metrics import peak_rss_mb
 
-PHASES = ("data", "forward", "backward", "comm_wait", "optimizer")
+# stats_sync: BatchNorm's cross-rank sums inside forward and backward (their collectives and the
+# wait for the slowest rank), taken out of forward/backward; comm_wait: the gradient sync's.
+PHASES = ("data", "forward", "backward", "stats_sync", "comm_wait", "optimizer")
+WAITS = ("stats_sync", "comm_wait")  # not compute: a straggler is named by the rest
 
 
 def current_rss_mb() -> float:
@@ -58,7 +61,7 @@ def straggler_report(per_rank: list[dict], ratio: float) -> tuple[dict, str | No
     """Mean and max over ranks of each phase; the names of ranks much slower than the median."""
     reduced = {p: {"mean": statistics.fmean(r[p] for r in per_rank),
                    "max": max(r[p] for r in per_rank)} for p in PHASES}
-    totals = [sum(r[p] for p in PHASES if p != "comm_wait") for r in per_rank]
+    totals = [sum(r[p] for p in PHASES if p not in WAITS) for r in per_rank]
     median = statistics.median(totals)
     slow = [r for r, t in enumerate(totals) if median > 0 and t > ratio * median]
     note = None

@@ -220,17 +220,18 @@ class Trainer:
             self.model.set_batch_context(self.sync.context(cfg.train.seed, c.step, a, B))
             x, y = self._batch(batch[a:b])
             self.faults.batch(c.step, x)  # a drill's NaN (nothing without --chaos)
-            t1 = time.perf_counter()
+            t1, s1 = time.perf_counter(), self.sync.batch_sum_seconds
             logits = self.model.forward(x, train=True)
             loss_sum += self.loss.forward(logits, y)
             correct += self.loss.correct(logits, y)
-            t2 = time.perf_counter()
+            t2, s2 = time.perf_counter(), self.sync.batch_sum_seconds
             self.model.backward(self.loss.backward(1.0 / B), on_grads_ready=self.sync.on_grads_ready)
             self.sync.part_done()
-            t3 = time.perf_counter()
+            t3, s3 = time.perf_counter(), self.sync.batch_sum_seconds
             timer.add("data", t1 - t0)
-            timer.add("forward", t2 - t1)
-            timer.add("backward", t3 - t2)
+            timer.add("forward", (t2 - t1) - (s2 - s1))
+            timer.add("backward", (t3 - t2) - (s3 - s2))
+            timer.add("stats_sync", s3 - s1)
             n += b - a
             t0 = t3
         return StepResult(loss_sum, correct, n)

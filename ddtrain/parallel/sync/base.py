@@ -40,6 +40,7 @@ the same number of times, also on a skipped step and with an empty slice of the 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -72,6 +73,7 @@ class GradientSync(Protocol):
     update_can_check: bool  # whether it may (`leave_check_to_optimizer`)
     on_grads_ready: Callable[[int], None] | None  # Sequential.backward's hook
     calls: Counter  # collectives run so far, by name
+    batch_sum_seconds: float  # wall time inside cross-rank batch sums so far (the trainer's stats_sync)
 
     def broadcast_initial_state(self) -> None:
         """Rank 0's parameters and buffers on every rank (start, resume). Collective."""
@@ -116,6 +118,7 @@ class SyncBase:
         self.params = flat.part(0, flat.size)
         self.weights_can_differ = comm.size > 1
         self.calls: Counter = Counter()
+        self.batch_sum_seconds = 0.0
         self.on_grads_ready = self._check_ready
         self._unchecked = flat.size  # grad[_unchecked:] is checked this step
         self._bad = 0
@@ -162,8 +165,10 @@ class SyncBase:
 
     def batch_sum(self, key: str, local: np.ndarray, on_global=None) -> np.ndarray:
         """Statistics of the global batch: an MPI Allreduce of every rank's sums."""
+        t = time.perf_counter()
         total = local.astype(np.float64)  # a copy, on the array's own device
         self.comm.Allreduce(total)
+        self.batch_sum_seconds += time.perf_counter() - t
         self.calls["Allreduce (batch statistics)"] += 1
         if on_global is not None:
             on_global(total)
