@@ -718,7 +718,7 @@ def format_table(result: dict) -> str:
             # the trainer's comm_wait (the gradient sync and the update's agreement) and stats_sync
             # (BatchNorm's cross-rank sums inside forward and backward)
             lines += [f"  {m}, {v}: exposed gradient-sync wait {_f(c[v]['comm_wait_ms'], '{:.2f}')} ms a step, "
-                      f"BatchNorm's cross-rank sums {_f(c[v]['stats_sync_ms'], '{:.2f}')} ms (slowest rank)"
+                      f"BatchNorm's cross-rank sums {_f(c[v]['stats_sync_ms'], '{:.2f}')} ms (the rank that waited longest)"
                       for m, c in cr["models"].items() for v in CNN_RANK_VARIANTS if "comm_wait_ms" in c[v]]
     ar = result.get("allreduce")
     if ar:
