@@ -444,15 +444,29 @@ def section_allreduce(r: Runner, setting: dict) -> dict:
                                 str(r.opts.allreduce_repeats)], setting)
     res = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     med = res["median_us"]
+    alone = res.get("alone_median_us") or {}
+    blocking_alone = ratio(alone.get("blocking: ddtrain"), alone.get("blocking: bare Allreduce"))
+    overlap_alone = ratio(alone.get("overlap: ddtrain"), alone.get("overlap: bare Allreduce"))
     res["ratios"] = {
-        "ddtrain allreduce after backward (blocking, the allreduce default) / bare Allreduce":
+        # the goal rows: each sync against the bare call on its own buffer, runs of one method
+        "alone: ddtrain allreduce after backward (blocking, the allreduce default) / bare Allreduce, same buffer":
+            blocking_alone,
+        "alone: ddtrain allreduce, overlapped buckets / bare Allreduce, same buffer": overlap_alone,
+        "alone: overlapped buckets / blocking (each against the bare call on its own buffer)":
+            ratio(overlap_alone, blocking_alone),
+        "alone: bare persistent Allreduce / bare Allreduce, same buffer":
+            ratio(alone.get("blocking: bare persistent"), alone.get("blocking: bare Allreduce")),
+        # the interleaved loop: every method after any other, on buffers of their own
+        "interleaved: ddtrain allreduce after backward (blocking) / bare Allreduce":
             ratio(med["ddtrain_blocking"], med["bare_allreduce"]),
-        "ddtrain allreduce after the layers' checks (train.nonfinite=skip) / bare Allreduce":
+        "interleaved: ddtrain allreduce after the layers' checks (train.nonfinite=skip) / bare Allreduce":
             ratio(med["ddtrain_sync"], med["bare_allreduce"]),
-        "ddtrain allreduce with the layers' non-finite checks (nonfinite=skip) / bare Allreduce":
+        "interleaved: ddtrain allreduce with the layers' non-finite checks (nonfinite=skip) / bare Allreduce":
             ratio(med["ddtrain_checked"], med["bare_allreduce"]),
-        "ddtrain allreduce, overlapped buckets / bare Allreduce": ratio(med["ddtrain_overlap"], med["bare_allreduce"]),
-        "overlapped buckets / blocking": ratio(med["ddtrain_overlap"], med["ddtrain_blocking"]),
+        "interleaved: overlapped buckets / blocking": ratio(med["ddtrain_overlap"], med["ddtrain_blocking"]),
+        "interleaved: bare persistent Allreduce / bare Allreduce": ratio(med.get("bare_persistent"), med["bare_allreduce"]),
+        "interleaved: ddtrain blocking / the bare persistent call on its own wire": ratio(med["ddtrain_blocking"],
+                                                                                         med.get("wire_persistent")),
         "bare Allreduce / memcpy": ratio(med["bare_allreduce"], med["memcpy"]),
         "shared-memory sync / memcpy": ratio(med.get("shared_memory"), med["memcpy"]),
     }
@@ -625,8 +639,9 @@ def goals(result: dict, setting: int = 0) -> list[dict]:
         models[f"pair_allreduce_{b}"] = (ranks.get(str(b), {}).get(ALLREDUCE_MODEL) or {}).get("median")
     ar = result.get("allreduce") or {}
     ratios = ar.get("ratios") or {}
-    fig["allreduce"] = ratios.get("ddtrain allreduce after backward (blocking, the allreduce default) / bare Allreduce")
-    fig["overlap"] = ratios.get("overlapped buckets / blocking")
+    fig["allreduce"] = ratios.get("alone: ddtrain allreduce after backward (blocking, the allreduce default) / "
+                                  "bare Allreduce, same buffer")
+    fig["overlap"] = ratios.get("alone: overlapped buckets / blocking (each against the bare call on its own buffer)")
     fig["shm"] = ratios.get("shared-memory sync / memcpy")
     rss = [c["ddtrain"]["peak_rss_mb"] for c in single.values() if "ddtrain" in c]
     rss += [c[v]["peak_rss_mb_per_rank"] for c in ranks.values() for v in ("1 rank", "2 ranks")]
@@ -726,6 +741,10 @@ def format_table(result: dict) -> str:
         lines += ["", f"gradient allreduce, {ar['ranks']} ranks, {ar['bytes'] / 1e6:.2f} MB, median of "
                       f"{ar['repeats']} (slowest rank), us"]
         lines += _grid(list(med), [[f"{v:.0f}" for v in med.values()]])
+        alone = ar.get("alone_median_us") or {}
+        if alone:
+            lines += ["alone (each sync and the bare calls on its own buffer, runs of 10 calls of one method), us"]
+            lines += _grid(list(alone), [[f"{v:.0f}" for v in alone.values()]])
         lines += [f"  {k}: {_f(v, '{:.2f}x')}" for k, v in ar["ratios"].items()]
     gpu = result.get("gpu")
     if gpu:
@@ -861,11 +880,14 @@ def add_allreduce_model(result: dict) -> None:
     """For each per-rank batch, what a 2-rank run through a blocking allreduce would reach against
     two independent processes if its step were their step plus one bare MPI_Allreduce of the
     gradient: t / (t + a), t the independent processes' step (from the median over rounds of
-    their samples/s) and a the allreduce section's bare_allreduce median. A model, not a bound
+    their samples/s) and a the allreduce section's bare Allreduce median (its "alone" runs, the
+    call repeated on one buffer as training repeats it). A model, not a bound
     (t and a are measured apart, on a noisy machine), of the cost no sync code can remove: the
     call that moves the gradient, unless it overlaps computation (on a node with no spare core
     MPICH's copies cannot: they run on the ranks' own cores, inside MPI calls)."""
-    bare = ((result.get("allreduce") or {}).get("median_us") or {}).get("bare_allreduce")
+    ar = result.get("allreduce") or {}
+    bare = ((ar.get("alone_median_us") or {}).get("blocking: bare Allreduce")
+            or (ar.get("median_us") or {}).get("bare_allreduce"))
     if bare is None:
         return
     for s in result["settings"]:

@@ -86,13 +86,18 @@ def test_quick_data_parallel_sections(tmp_path):
     for key in ("2x32", "2x32 allreduce"):
         assert setting["profile"][key]["ms"]["communication"] > 0, key
     assert setting["profile"]["2x32"]["gradient_sync"].startswith("node shared memory")
-    assert positive(ar["median_us"]["shared_memory"]) and positive(ar["ratios"]["overlapped buckets / blocking"])
+    assert positive(ar["median_us"]["shared_memory"])
+    assert set(ar["alone_median_us"]) == {"blocking: ddtrain", "blocking: bare Allreduce", "blocking: bare persistent",
+                                          "overlap: ddtrain", "overlap: bare Allreduce"}
+    assert all(positive(v) for v in ar["alone_median_us"].values())
+    assert positive(ar["ratios"]["alone: overlapped buckets / blocking (each against the bare call on its own buffer)"])
     assert "gradient allreduce" in table
     # the model row: the independent processes' step plus one bare Allreduce, from those figures
     model = ranks["model: independent step + one bare Allreduce"]
     step = 32 / (ranks["2 independent"]["median"] / 2)
     assert model["step_ms"] == pytest.approx(1e3 * step)
-    assert model["median"] == pytest.approx(step / (step + ar["median_us"]["bare_allreduce"] / 1e6))
+    bare = ar["alone_median_us"]["blocking: bare Allreduce"]  # the call repeated on one buffer, as training does
+    assert model["median"] == pytest.approx(step / (step + bare / 1e6))
     assert 0 < model["median"] < 1 and "model: independent step + one bare Allreduce" in table
 
 

@@ -25,6 +25,16 @@ class Request(Protocol):
     def Test(self) -> bool: ...
 
 
+class PersistentRequest(Protocol):
+    """A collective set up once over a fixed buffer and run again at every ``Start()``."""
+
+    def Start(self) -> None: ...
+
+    def Wait(self) -> None: ...
+
+    def Test(self) -> bool: ...
+
+
 class Communicator(Protocol):
     rank: int
     size: int
@@ -38,6 +48,11 @@ class Communicator(Protocol):
 
     def Iallreduce(self, buf) -> Request:
         """Start summing `buf` in place; the result is there after ``Wait()``."""
+
+    def Allreduce_init(self, buf) -> PersistentRequest:
+        """A persistent in-place sum of `buf` over ranks: each ``Start()`` sums what `buf` holds
+        then, the result there after ``Wait()`` (or a true ``Test()``). Every rank makes its
+        persistent requests, and starts them, in the same order."""
 
     def Bcast(self, buf, root: int = 0) -> None:
         """Copy root's `buf` into every rank's `buf`, in place."""
@@ -59,6 +74,9 @@ class Communicator(Protocol):
 
 
 class _DoneRequest:
+    def Start(self) -> None:
+        return None
+
     def Wait(self) -> None:
         return None
 
@@ -86,6 +104,9 @@ class SingleProcess:
         return None
 
     def Iallreduce(self, buf) -> Request:
+        return _DoneRequest()
+
+    def Allreduce_init(self, buf) -> PersistentRequest:
         return _DoneRequest()
 
     def Bcast(self, buf, root: int = 0) -> None:

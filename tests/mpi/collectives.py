@@ -42,6 +42,26 @@ with abort_on_exception(comm):
     req.Wait()
     assert (buf == size * (size - 1) / 2).all(), buf
 
+    # a persistent Allreduce sums what the buffer holds at each Start, on either MPI library
+    import ddtrain.parallel.mpi as mpi_module
+    for persistent in (True, False):
+        real = mpi_module.persistent_collectives
+        mpi_module.persistent_collectives = lambda: persistent  # False: as before MPI-4
+        try:
+            whole = np.empty(50_001, dtype=np.float32)
+            req = comm.Allreduce_init(whole)
+        finally:
+            mpi_module.persistent_collectives = real
+        assert req.Test()  # not started: nothing to wait for
+        for step in range(3):
+            whole[...] = rank + step
+            req.Start()
+            if step == 1:
+                while not req.Test():
+                    pass
+            req.Wait()
+            assert (whole == size * step + size * (size - 1) / 2).all(), (persistent, step, whole[:3])
+
     data = np.arange(5, dtype=np.float32) * 10 if rank == size - 1 else np.zeros(5, dtype=np.float32)
     comm.Bcast(data, root=size - 1)
     assert (data == np.arange(5) * 10).all(), data

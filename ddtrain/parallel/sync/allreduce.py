@@ -7,12 +7,14 @@ front of it:
     wire = [ header (HEADER elements: stop, nonfinite, padding) | gradient (P) ]
 
 so the step's flags are summed by the same MPI_Allreduce as the gradient: one collective a
-step. With `overlap`, the wire is cut into buckets of ~bucket_mb (contiguous ranges of whole
-parameter tensors, built from the end, since backward finishes the last layer first);
-`Sequential.backward` reports each finished layer (`on_grads_ready`) and every bucket now
-complete is checked for non-finite values and started as an MPI_Iallreduce while backward
-carries on. The front bucket holds the header, so it is started last, in `synchronize()`,
-once the flags are known; then every request is waited for.
+step. The wire never moves, so its allreduce is a persistent one (MPI_Allreduce_init, made
+once; each step starts it again), which spares MPI its per-call set-up. With `overlap`, the
+wire is cut into buckets of ~bucket_mb (contiguous ranges of whole parameter tensors, built
+from the end, since backward finishes the last layer first), each with its persistent
+allreduce; `Sequential.backward` reports each finished layer (`on_grads_ready`) and every
+bucket now complete is checked for non-finite values and started while backward carries on.
+The front bucket holds the header, so it is started last, in `synchronize()`, once the flags
+are known; then every request is waited for.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def make_buckets(slots, bucket_bytes: float, itemsize: int) -> list[tuple[int, i
 
 
 class MPIAllreduce(SyncBase):
-    """One MPI_Allreduce of [flags | gradient] per step, or its buckets as MPI_Iallreduce
-    overlapped with backward (`overlap`).
+    """One persistent MPI_Allreduce of [flags | gradient] per step, or one per bucket, started
+    as backward finishes each (`overlap`).
 
     Rules: every rank builds it over the same parameter layout (it moves the model's gradient
     into its wire buffer, so build the optimizer after it) and calls the step methods in the
@@ -75,15 +77,17 @@ class MPIAllreduce(SyncBase):
             self.buckets = [(a + HEADER, b + HEADER) for a, b in buckets]
             if self.buckets:
                 self.buckets[-1] = (0, self.buckets[-1][1])
-            self._views = [self.wire[a:b] for a, b in self.buckets]
+            # every rank makes them in the same order (bucket order), as it starts them
+            self._requests = [comm.Allreduce_init(self.wire[a:b]) for a, b in self.buckets]
             self._next = 0
-            self._requests: list = []
             self.on_grads_ready = self._grads_ready
+        else:
+            self._whole = comm.Allreduce_init(self.wire)
 
     # -- overlap --------------------------------------------------------------------
     def _start(self, i: int) -> None:
-        self._requests.append(self.comm.Iallreduce(self._views[i]))
-        self.calls["Iallreduce"] += 1
+        self._requests[i].Start()
+        self.calls["persistent Allreduce of a bucket"] += 1
 
     def _start_complete(self, offset: int) -> None:
         """Start every bucket whose gradient is final (wire index >= offset + HEADER), last first,
@@ -97,7 +101,7 @@ class MPIAllreduce(SyncBase):
 
     def _grads_ready(self, offset: int) -> None:
         """Backward finished grad[offset:]: start the buckets now complete."""
-        for req in self._requests:  # MPI progresses a nonblocking collective only inside calls
+        for req in self._requests[:self._next]:  # MPI progresses a collective only inside calls
             req.Test()
         self._start_complete(offset)
 
@@ -106,15 +110,15 @@ class MPIAllreduce(SyncBase):
         h = self.header
         if not self.overlap:
             h[0], h[1] = flags.stop, self.local_nonfinite()
-            self.comm.Allreduce(self.wire)
-            self.calls["Allreduce"] += 1
+            self._whole.Start()
+            self._whole.Wait()
+            self.calls["persistent Allreduce"] += 1
         else:
             self._start_complete(0)  # buckets backward did not report
             h[0], h[1] = flags.stop, self.local_nonfinite()
             self._start(len(self.buckets) - 1)
             for req in self._requests:
                 req.Wait()
-            self._requests.clear()
             self._next = 0
         stop, bad = h[:2].tolist()  # one small read (a device sync on a GPU)
         return StepFlags(stop=int(stop), nonfinite=int(bad))
