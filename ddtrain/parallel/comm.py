@@ -73,7 +73,9 @@ class Communicator(Protocol):
         """The trainer's current step (called once per step), named by timeout messages."""
 
 
-class _DoneRequest:
+class DoneRequest:
+    """A request with nothing to wait for: a sum over one process (or over one node)."""
+
     def Start(self) -> None:
         return None
 
@@ -104,10 +106,10 @@ class SingleProcess:
         return None
 
     def Iallreduce(self, buf) -> Request:
-        return _DoneRequest()
+        return DoneRequest()
 
     def Allreduce_init(self, buf) -> PersistentRequest:
-        return _DoneRequest()
+        return DoneRequest()
 
     def Bcast(self, buf, root: int = 0) -> None:
         return None

@@ -29,8 +29,10 @@ class Node(Protocol):
     def node_sync(self) -> None:
         """Memory barrier + barrier over the node: writes before it are seen by reads after it."""
 
-    def cross_Allreduce(self, buf) -> None:
-        """Sum `buf` in place over the ranks with this local rank on every node (nothing on one)."""
+    def cross_Allreduce_init(self, buf) -> Any:
+        """A persistent in-place sum of `buf` over the ranks with this local rank on every node
+        (a PersistentRequest: Start(), then Wait() or Test(); `buf` untouched in between; always
+        done on one node). Collective over those ranks."""
 
     def cross_Bcast(self, buf, root: int = 0) -> None:
         """Copy node `root`'s `buf` to the ranks with this local rank on the other nodes."""

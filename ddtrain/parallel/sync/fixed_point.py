@@ -80,7 +80,7 @@ class FixedPointAllreduce(SyncBase):
     of ranks, so every rank computes a micro-shard); the batch parts it gives are micro-shards,
     each computed alone (`part_done` keeps a copy of each one's gradient). Per step it runs
     one allgather of small values (max |g|, the flags, batch statistics) and one int64
-    MPI_Allreduce of the gradient. Failure modes: as the plain allreduce; a non-finite
+    persistent MPI_Allreduce of the gradient (MPI_Allreduce_init once). Failure modes: as the plain allreduce; a non-finite
     gradient anywhere sets `nonfinite` on every rank (fixed point cannot represent it).
     """
 
@@ -98,7 +98,10 @@ class FixedPointAllreduce(SyncBase):
         self._n = 0
         self._max = 0.0
         self._bad = 0
-        self._acc = None
+        # The int64 sum's buffer never moves: a persistent allreduce over it (made once,
+        # collectively, here), started every step.
+        self._acc = self.xp.zeros(self.params.grad.size, dtype="int64")
+        self._sum = comm.Allreduce_init(self._acc)
         self._stats: dict = defaultdict(list)  # key -> [(offset, sums)] of my micro-shards
         self._on_global: dict = {}  # key -> the layer's running-statistics update (kept)
         self.on_grads_ready = None  # each micro-shard's gradient is checked whole in part_done
@@ -140,15 +143,13 @@ class FixedPointAllreduce(SyncBase):
         if agreed.nonfinite:
             return agreed
         e = fixed_point_exponent(max(m for m, *_ in everyone), self.n_shards)
-        grad = self.params.grad
-        if self._acc is None:
-            self._acc = self.xp.zeros(grad.size, dtype="int64")
-        acc = self._acc
+        grad, acc = self.params.grad, self._acc
         acc.fill(0)
         for g in grads:
             quantize_add(acc, g, e)
-        self.comm.Allreduce(acc)
-        self.calls["Allreduce (int64)"] += 1
+        self._sum.Start()
+        self._sum.Wait()
+        self.calls["persistent Allreduce (int64)"] += 1
         dequantize(acc, e, out=grad)
         return agreed
 

@@ -11,9 +11,10 @@ Layout: one node-shared block (L + 1, P) of the parameters' dtype, P = number of
 Local rank r owns the part [start_r, stop_r) of the flat vector (ddtrain.parallel.node.part_bounds).
 A training step, on every rank:
     synchronize():  node sync             (every slot and flag is complete)
-                    flags summed over the node's slots (and MPI_Allreduce across nodes)
+                    flags summed over the node's slots
                     my slot[my part] += the other slots' [my part]
-                    several nodes: MPI_Allreduce of my part with the ranks owning it elsewhere
+                    several nodes: the flags and my part summed with the ranks owning it
+                    elsewhere (two persistent MPI allreduces, made once at start)
     optimizer.step(lr) over `params` = (parameters[my part], my slot[my part])
     after_update(): node sync             (every part is updated: the next forward may read)
 With train.nonfinite=stop on one node, the optimizer checks my part of the sum as it updates it
@@ -38,6 +39,9 @@ a node sync, where the watchdog's deadline names it.
 
 from __future__ import annotations
 
+import numpy as np
+
+from ddtrain.parallel.comm import DoneRequest
 from ddtrain.parallel.node import part_bounds
 from ddtrain.parallel.sync.base import StepFlags, SyncBase
 
@@ -63,6 +67,11 @@ class NodeSharedMemory(SyncBase):
         self.start, self.stop = part_bounds(flat.size, L, r, flat.data.dtype.itemsize)
         self.params = flat.part(self.start, self.stop)
         self.full = flat
+        # Across nodes, the node's flags and my part are summed with my peers on the other
+        # nodes: two persistent allreduces over buffers that never move (nothing on one node).
+        self._agreed = np.zeros(N_FLAGS, dtype="int64")
+        self._agreed_sum = node.cross_Allreduce_init(self._agreed)
+        self._part_sum = node.cross_Allreduce_init(self.params.grad) if self.stop > self.start else DoneRequest()
         nodes = comm.size // L
         self.weights_can_differ = nodes > 1  # one node holds one copy: nothing can differ
         self.update_can_check = nodes == 1  # the updates' flags ride after_update's node sync
@@ -83,17 +92,19 @@ class NodeSharedMemory(SyncBase):
         self._flags[r, :N_FLAGS] = flags.stop, self.local_nonfinite()
         node.node_sync()
         self.calls["node_sync"] += 1
-        agreed = self._flags[:, :N_FLAGS].sum(axis=0)
-        node.cross_Allreduce(agreed)
+        agreed = self._agreed
+        self._flags[:, :N_FLAGS].sum(axis=0, out=agreed)
+        self._agreed_sum.Start()  # the node's flags travel to the other nodes meanwhile
         a, b = self.start, self.stop
         mine = self.params.grad
         for j in range(len(self.slots)):
             if j != r and b > a:
                 mine += self.slots[j, a:b]
-        if b > a:
-            node.cross_Allreduce(mine)
+        self._part_sum.Start()
+        self._agreed_sum.Wait()
+        self._part_sum.Wait()
         if node.local_size != self.comm.size:
-            self.calls["cross-node Allreduce"] += 1 + (b > a)
+            self.calls["persistent cross-node Allreduce"] += 1 + (b > a)
         return StepFlags(stop=int(agreed[0]), nonfinite=int(agreed[1]))
 
     def after_update(self, nonfinite: int = 0) -> int:
