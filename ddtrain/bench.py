@@ -176,6 +176,17 @@ def machine_info() -> dict:
             "platform": platform.platform(), "loadavg_at_start": os.getloadavg()}
 
 
+def cpu_steal_seconds() -> float | None:
+    """The machine's CPU time taken by its hypervisor since boot (/proc/stat's steal, summed over
+    CPUs), or None where the kernel does not say. A virtual machine's stall shows up there."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # ------------------------------------------------------------------------------ the runner
 class Runner:
     """Starts the processes one benchmark run needs and reads their figures back."""
@@ -184,6 +195,7 @@ class Runner:
         self.opts, self.workdir, self.echo = opts, workdir, echo
         self.python = sys.executable
         self.loads: list[float] = []
+        self.steal: list[float] = []  # per run: % of the machine's CPU time stolen meanwhile
         self.weights = workdir / "init.npz"
         self._mpiexec: list[str] | None = None
         self._mpi_error: str | None = None
@@ -203,8 +215,10 @@ class Runner:
     def start(self, cmd: list[str], setting: dict):
         self.loads.append(os.getloadavg()[0])
         self._runs += 1
-        return subprocess.Popen(cmd, env=self.env(setting), cwd=self.workdir, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, env=self.env(setting), cwd=self.workdir, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+        proc.began = (time.perf_counter(), cpu_steal_seconds())
+        return proc
 
     def finish(self, proc, cmd) -> str:
         try:
@@ -216,6 +230,10 @@ class Runner:
         if proc.returncode != 0:
             tail = "\n".join((err or out).strip().splitlines()[-8:])
             raise DDTrainError(f"benchmark run failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        t0, steal0 = proc.began
+        steal1, wall = cpu_steal_seconds(), time.perf_counter() - t0
+        if steal0 is not None and steal1 is not None and wall > 0:
+            self.steal.append(100 * (steal1 - steal0) / (wall * (os.cpu_count() or 1)))
         return out
 
     def run(self, cmd: list[str], setting: dict) -> str:
@@ -687,6 +705,10 @@ def format_table(result: dict) -> str:
                  f"round(s), {result['samples']:,} samples per run; load average (1 min) before each run: "
                  f"min {_f(loads['min'], '{:.2f}')}, median {_f(loads['median'], '{:.2f}')}, "
                  f"max {_f(loads['max'], '{:.2f}')}")
+    steal = result.get("steal_percent")
+    if steal:
+        lines.append(f"CPU time the hypervisor took during each run (steal, of all cores): median "
+                     f"{steal['median']:.2f}%, max {steal['max']:.2f}%")
     lines.append("figures: median over rounds ±half the (max - min) spread; ratios paired within each round")
     for s in result["settings"]:
         lines.append("")
@@ -868,6 +890,7 @@ def run_bench(opts: Options, echo=print) -> dict:
                     result["gpu"] = section_gpu(r, setting)
         result["loadavg"] = summarize(r.loads)
         result["loadavg"].pop("runs")
+        result["steal_percent"] = summarize(r.steal) if r.steal else None
         result["machine"]["loadavg_at_end"] = os.getloadavg()
     add_allreduce_model(result)
     result["goals"] = goals(result)

@@ -51,6 +51,10 @@ def test_quick_single_process_sections(tmp_path):
     gpu = result["gpu"]  # the GPU entry: figures where CuPy sees a GPU, else the reason it has none
     assert ("skipped" in gpu and "no GPU for ddtrain" in table) or positive(gpu["single"]["256"]["ddtrain"]["median"])
     assert [g["goal"] for g in result["goals"]] == [g[0] for g in GOALS]
+    # Linux says how much CPU time the hypervisor took during each run (0 on bare metal).
+    steal = result["steal_percent"]
+    assert len(steal["runs"]) >= 4 and all(0 <= v <= 100 for v in steal["runs"])
+    assert "CPU time the hypervisor took during each run" in table
     assert "ddtrain/numpy" in table
     for _, what, target, _ in GOALS:  # every goal is shown with what it is and its target
         assert what in table
