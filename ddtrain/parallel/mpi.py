@@ -185,7 +185,7 @@ class MPICommunicator:
         self._device = DeviceStaging(MPI.__file__)
         self._closed = False
         self._node = None
-        self._persistent: list[_Persistent] = []  # freed at close, before the communicator
+        self._persistent: list[_Persistent] = []  # freed at close, before the communicators
         self.watchdog: Watchdog | None = None
         if watchdog and self.size > 1:
             if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
@@ -239,19 +239,20 @@ class MPICommunicator:
         request costs 0.97-0.99x the blocking call on 2.68 MB; two for its halves 1.00-1.02x
         against 1.05-1.08x for two Iallreduce: 2 ranks on the 2-core EPYC, MPICH 5.0.2).
         With an MPI library before MPI-4 each Start() is an Iallreduce."""
-        request = self._persistent_sum(self._comm, buf)
-        self._persistent.append(request)
-        return request
+        return self._persistent_sum(self._comm, buf)
 
     def _persistent_sum(self, comm, buf) -> _Persistent:
         """A persistent in-place SUM of `buf` over `comm` (this communicator's, or the node's
-        cross-node one), staged through host memory where the MPI library cannot read `buf`."""
+        cross-node one), staged through host memory where the MPI library cannot read `buf`;
+        freed at close, before any communicator."""
         b, before, after = self._device.bind(buf)
         if persistent_collectives():
             req = comm.Allreduce_init(MPI.IN_PLACE, b, op=MPI.SUM)
         else:
             req = _IallreduceEachStart(comm, b)
-        return _Persistent(self, req, before, after)
+        request = _Persistent(self, req, before, after)
+        self._persistent.append(request)
+        return request
 
     def Bcast(self, buf, root: int = 0) -> None:
         """MPI_Bcast: root's `buf` into every rank's `buf`."""
@@ -322,11 +323,11 @@ class MPICommunicator:
             self.Barrier()
             self.watchdog.stop()
             self.watchdog = None
+        for request in self._persistent:  # before the communicators they run on
+            request.free()
+        self._persistent.clear()
         if self._node is not None:
             self._node.free()
             self._node = None
-        for request in self._persistent:
-            request.free()
-        self._persistent.clear()
         self._local.Free()
         self._comm.Free()

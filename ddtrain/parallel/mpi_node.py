@@ -27,7 +27,6 @@ class MPINode:
         # many ranks (ranks_per_node is the same on every rank, so all split or none).
         self._cross = comm._comm.Split(self.local_rank, key=comm.rank) if comm.ranks_per_node else None
         self._windows: list = []
-        self._requests: list = []  # persistent cross-node sums, freed before the communicator
 
     def shared_array(self, shape: tuple, dtype) -> np.ndarray:
         """A numpy array in memory shared by this node's ranks (a window owned by local rank 0).
@@ -61,14 +60,13 @@ class MPINode:
     def cross_Allreduce_init(self, buf):
         """A persistent in-place SUM of `buf` over the ranks with this local rank on every node
         (MPI_Allreduce_init over the cross-node communicator; Start/Wait every step). On one
-        node there is nothing to sum: a request that is always done."""
+        node, or for an empty `buf` (a part with no elements), there is nothing to sum: a request
+        that is always done."""
         cross = self._cross_comm()
-        if cross is None:
+        if cross is None or buf.size == 0:
             return DoneRequest()
         with self._owner._watched("cross_Allreduce_init"):
-            request = self._owner._persistent_sum(cross, buf)
-        self._requests.append(request)
-        return request
+            return self._owner._persistent_sum(cross, buf)
 
     def cross_Bcast(self, buf, root: int = 0) -> None:
         """MPI_Bcast from node `root` to the ranks with this local rank on the other nodes."""
@@ -87,9 +85,6 @@ class MPINode:
             win.Unlock_all()
             win.Free()
         self._windows.clear()
-        for request in self._requests:
-            request.free()
-        self._requests.clear()
         if self._cross is not None:
             self._cross.Free()
             self._cross = None

@@ -32,7 +32,7 @@ class Node(Protocol):
     def cross_Allreduce_init(self, buf) -> Any:
         """A persistent in-place sum of `buf` over the ranks with this local rank on every node
         (a PersistentRequest: Start(), then Wait() or Test(); `buf` untouched in between; always
-        done on one node). Collective over those ranks."""
+        done on one node or for an empty `buf`). Collective over those ranks."""
 
     def cross_Bcast(self, buf, root: int = 0) -> None:
         """Copy node `root`'s `buf` to the ranks with this local rank on the other nodes."""

@@ -80,8 +80,9 @@ class FixedPointAllreduce(SyncBase):
     of ranks, so every rank computes a micro-shard); the batch parts it gives are micro-shards,
     each computed alone (`part_done` keeps a copy of each one's gradient). Per step it runs
     one allgather of small values (max |g|, the flags, batch statistics) and one int64
-    persistent MPI_Allreduce of the gradient (MPI_Allreduce_init once). Failure modes: as the plain allreduce; a non-finite
-    gradient anywhere sets `nonfinite` on every rank (fixed point cannot represent it).
+    persistent MPI_Allreduce of the gradient (MPI_Allreduce_init once). Failure modes: as the
+    plain allreduce; a non-finite gradient anywhere sets `nonfinite` on every rank (fixed
+    point cannot represent it).
     """
 
     label = "MPI allreduce, int64 fixed point (deterministic)"

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddtrain.parallel.comm import DoneRequest
 from ddtrain.parallel.node import part_bounds
 from ddtrain.parallel.sync.base import StepFlags, SyncBase
 
@@ -71,7 +70,7 @@ class NodeSharedMemory(SyncBase):
         # nodes: two persistent allreduces over buffers that never move (nothing on one node).
         self._agreed = np.zeros(N_FLAGS, dtype="int64")
         self._agreed_sum = node.cross_Allreduce_init(self._agreed)
-        self._part_sum = node.cross_Allreduce_init(self.params.grad) if self.stop > self.start else DoneRequest()
+        self._part_sum = node.cross_Allreduce_init(self.params.grad)
         nodes = comm.size // L
         self.weights_can_differ = nodes > 1  # one node holds one copy: nothing can differ
         self.update_can_check = nodes == 1  # the updates' flags ride after_update's node sync
