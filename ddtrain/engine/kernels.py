@@ -40,6 +40,7 @@ import numpy as np
 
 from ddtrain.engine.blas import axpby, rounds_once
 from ddtrain.engine.layers import memory_order
+from ddtrain.engine.winograd import split_tiles
 
 ENV = "DDTRAIN_KERNELS"
 CHOICES = ("numba", "numpy")
@@ -74,6 +75,7 @@ class Reference:
     """Max-pooling as array-module ops (numpy or CuPy); see the module docstring."""
 
     name = "numpy"
+    compiled_transforms = False  # Winograd's transforms are array ops here (Conv2d's auto: im2col)
 
     def __init__(self, xp=np):
         self.xp = xp  # the array module of the arrays `sgd` gets (the layers' loops use layer.xp)
@@ -155,6 +157,79 @@ class Reference:
             dx[...] = dxp[:, :, p:p + h, p:p + w]
 
 
+    # Winograd F(2x2, 3x3) transforms (ddtrain.engine.winograd) over one chunk of samples, on
+    # channels-last arrays; `slot` names the calling worker's scratch. Separable: each is a few
+    # strided add/subtract ops over the whole chunk, rows first, then columns.
+
+    def winograd_input(self, layer, slot, src, th, tw, v) -> None:
+        """v (16, n*th*tw, C)[4i + j, t] = (B^T d B)[i, j] for the 4x4 tile d of src (n, Hp, Wp,
+        C) at rows 2ty.., columns 2tx.. (Hp >= 2th + 2, Wp >= 2tw + 2), t = (sample, ty, tx)."""
+        xp = layer.xp
+        n, c = src.shape[0], src.shape[3]
+        wp = 2 * tw + 2
+        r = layer._buf(f"wino-r{slot}", (4, n, th, wp, c), src.dtype)
+        d0, d1, d2, d3 = (src[:, i:i + 2 * th - 1:2, :wp] for i in range(4))
+        xp.subtract(d0, d2, out=r[0])
+        xp.add(d1, d2, out=r[1])
+        xp.subtract(d2, d1, out=r[2])
+        xp.subtract(d1, d3, out=r[3])
+        v6 = split_tiles(v, n, th, tw)
+        for i in range(4):
+            e0, e1, e2, e3 = (r[i][:, :, j:j + 2 * tw - 1:2] for j in range(4))
+            xp.subtract(e0, e2, out=v6[4 * i])
+            xp.add(e1, e2, out=v6[4 * i + 1])
+            xp.subtract(e2, e1, out=v6[4 * i + 2])
+            xp.subtract(e1, e3, out=v6[4 * i + 3])
+
+    def winograd_output(self, layer, slot, m, th, tw, bias, y) -> None:
+        """y (n, ho, wo, O) = A^T M A for each tile's M = m[:, t] (m: (16, n*th*tw, O)), the
+        last tile row or column cropped where ho or wo is odd; plus bias (O,) unless None."""
+        xp = layer.xp
+        n, ho, wo, co = y.shape
+        m6 = split_tiles(m, n, th, tw)
+        s = layer._buf(f"wino-s{slot}", (2, 4, n, th, tw, co), m.dtype)
+        for j in range(4):
+            xp.add(m6[j], m6[4 + j], out=s[0, j])
+            xp.add(s[0, j], m6[8 + j], out=s[0, j])
+            xp.subtract(m6[4 + j], m6[8 + j], out=s[1, j])
+            xp.subtract(s[1, j], m6[12 + j], out=s[1, j])
+        for i in range(2):
+            rows = (ho - i + 1) // 2
+            for j in range(2):
+                out = y[:, i::2, j::2]
+                a0, a1, a2, a3 = (s[i, q][:, :rows, :out.shape[2]] for q in range(4))
+                if j == 0:
+                    xp.add(a0, a1, out=out)
+                    xp.add(out, a2, out=out)
+                else:
+                    xp.subtract(a1, a2, out=out)
+                    xp.subtract(out, a3, out=out)
+                if bias is not None:
+                    xp.add(out, bias, out=out)
+
+    def winograd_output_grad(self, layer, slot, dy, th, tw, dm) -> None:
+        """dm (16, n*th*tw, O)[4i + j, t] = (A g A^T)[i, j] for each tile's 2x2 gradient g of dy
+        (n, ho, wo, O), zeros past its edge: the transpose of `winograd_output`."""
+        xp = layer.xp
+        n, ho, wo, co = dy.shape
+        if (ho, wo) != (2 * th, 2 * tw):
+            g = layer._const(f"wino-g{slot}", (n, 2 * th, 2 * tw, co), dy.dtype, 0)
+            g[:, :ho, :wo] = dy
+            dy = g
+        h = layer._buf(f"wino-h{slot}", (4, n, th, 2 * tw, co), dy.dtype)
+        g0, g1 = dy[:, 0::2], dy[:, 1::2]
+        xp.copyto(h[0], g0)
+        xp.add(g0, g1, out=h[1])
+        xp.subtract(g0, g1, out=h[2])
+        xp.negative(g1, out=h[3])
+        dm6 = split_tiles(dm, n, th, tw)
+        for i in range(4):
+            e0, e1 = h[i][:, :, 0::2], h[i][:, :, 1::2]
+            xp.copyto(dm6[4 * i], e0)
+            xp.add(e0, e1, out=dm6[4 * i + 1])
+            xp.subtract(e0, e1, out=dm6[4 * i + 2])
+            xp.negative(e1, out=dm6[4 * i + 3])
+
     def scale_shift(self, layer, x, scale, shift, y) -> None:
         """y = x * scale + shift per channel (axis 1), two roundings (a product, then a sum);
         scale, shift: (C,) host float64 values, used in x's dtype. y in x's layout."""
@@ -231,6 +306,7 @@ class Compiled(Reference):
     innermost; a chunk of samples per call, on the layer's team (the loops release the GIL)."""
 
     name = "numba"
+    compiled_transforms = True
 
     def __init__(self):
         super().__init__(np)
@@ -263,6 +339,16 @@ class Compiled(Reference):
 
         layer.team.run(work, layer._sample_chunks(n, dx[:1].nbytes))
 
+
+    def winograd_input(self, layer, slot, src, th, tw, v) -> None:
+        self._k.winograd_input(src, th, tw, v)
+
+    def winograd_output(self, layer, slot, m, th, tw, bias, y) -> None:
+        has_bias = bias is not None
+        self._k.winograd_output(m, th, tw, bias if has_bias else m[0, :0, 0], has_bias, y)
+
+    def winograd_output_grad(self, layer, slot, dy, th, tw, dm) -> None:
+        self._k.winograd_output_grad(dy, th, tw, dm)
 
     def scale_shift(self, layer, x, scale, shift, y) -> None:
         if not _channels_last(x):  # the loops below run the channel innermost

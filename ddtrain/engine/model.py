@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ddtrain.backend import CPU, Backend
-from ddtrain.engine.conv import AvgPool2d, Conv2d, MaxPool2d
+from ddtrain.engine.conv import ALGORITHMS, AvgPool2d, Conv2d, MaxPool2d
 from ddtrain.engine.layers import INIT_SCHEMES, Dropout, Flatten, Layer, Linear, ReLU, Sigmoid, Tanh
 from ddtrain.engine.norm import BatchNorm1d, BatchNorm2d
 from ddtrain.engine.params import FlatParams
@@ -266,6 +266,12 @@ def _bool(v):
     return v
 
 
+def _algorithm(v):
+    if v not in ALGORITHMS:
+        raise ValueError(f"'algorithm' must be one of {', '.join(ALGORITHMS)}, not {v!r}")
+    return v
+
+
 def _prob(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
         raise ValueError(f"'p' must be a number in [0, 1), not {v!r}")
@@ -283,7 +289,8 @@ LAYER_TYPES: dict[str, tuple[type, dict]] = {
     # (C, H, W) layers; defaults as PyTorch's: stride 1 (pooling: the kernel), padding 0, bias
     "conv2d": (Conv2d, {"out": (_int_out, True), "kernel": (_int_key("kernel", 1), True),
                         "stride": (_int_key("stride", 1), False),
-                        "padding": (_int_key("padding", 0), False), "bias": (_bool, False)}),
+                        "padding": (_int_key("padding", 0), False), "bias": (_bool, False),
+                        "algorithm": (_algorithm, False)}),
     "maxpool2d": (MaxPool2d, {"kernel": (_int_key("kernel", 1), True),
                               "stride": (_int_key("stride", 1), False),
                               "padding": (_int_key("padding", 0), False)}),
@@ -296,7 +303,7 @@ LAYER_TYPES: dict[str, tuple[type, dict]] = {
                                   "momentum": (_unit_float("momentum"), False)}),
 }
 _ARG_NAMES = {"out": "out_features", "bias": "bias", "p": "p", "kernel": "kernel_size", "stride": "stride",
-              "padding": "padding", "eps": "eps", "momentum": "momentum"}
+              "padding": "padding", "eps": "eps", "momentum": "momentum", "algorithm": "algorithm"}
 _ARG_NAMES_BY_TYPE = {("conv2d", "out"): "out_channels"}  # where a type names an argument its own way
 
 

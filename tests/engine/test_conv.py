@@ -1,5 +1,6 @@
 """Convolution, pooling and batch norm: gradient checks, PyTorch parity, layout, allocation-free steps."""
 
+import os
 import threading
 import tracemalloc
 
@@ -14,6 +15,7 @@ from ddtrain.engine.losses import make_loss
 from ddtrain.engine.model import Sequential, build_model
 from ddtrain.engine.norm import BatchNorm1d, BatchNorm2d
 from ddtrain.engine.optim import make_optimizer
+from ddtrain.engine.team import Team
 from ddtrain.errors import ConfigError
 from tests.helpers import require
 
@@ -21,6 +23,12 @@ from tests.helpers import require
 def chunked(layer):
     """The layer with one sample per im2col chunk (the chunk loop's edges get exercised)."""
     layer.CHUNK_BYTES, layer.MIN_ROWS = 1, 1
+    return layer
+
+
+def winograd_chunked(layer):
+    """The layer with one sample per Winograd chunk."""
+    layer.WINOGRAD_CHUNK_BYTES = 1
     return layer
 
 
@@ -34,6 +42,11 @@ GRAD_CASES = [
     ("conv-one-channel-p2", lambda: Conv2d(3, 3, 1, 2), (1, 6, 5)),
     ("conv-one-channel-s2", lambda: Conv2d(3, 3, 2, 1), (1, 7, 5)),
     ("conv-chunked", lambda: chunked(Conv2d(3, 3, 1, 1)), (2, 5, 6)),
+    ("winograd-p1", lambda: Conv2d(4, 3, 1, 1, algorithm="winograd"), (3, 5, 6)),
+    ("winograd-p0-odd-output", lambda: Conv2d(3, 3, 1, 0, algorithm="winograd"), (2, 7, 6)),
+    ("winograd-p2-no-bias", lambda: Conv2d(2, 3, 1, 2, bias=False, algorithm="winograd"), (3, 5, 7)),
+    ("winograd-one-channel", lambda: Conv2d(3, 3, 1, 1, algorithm="winograd"), (1, 6, 5)),
+    ("winograd-chunked", lambda: winograd_chunked(Conv2d(3, 3, 1, 1, algorithm="winograd")), (2, 5, 6)),
     ("maxpool-2", lambda: MaxPool2d(2), (2, 6, 4)),
     ("maxpool-2-odd", lambda: MaxPool2d(2), (2, 7, 5)),
     ("maxpool-3-s2-p1", lambda: MaxPool2d(3, 2, 1), (2, 7, 6)),
@@ -158,6 +171,10 @@ PARITY_CASES = [
     ("conv-k5-s1-p2", lambda: Conv2d(6, 5, 1, 2, bias=False), (3, 8, 10)),
     ("conv-k1-s2-p0", lambda: Conv2d(4, 1, 2, 0), (6, 7, 7)),
     ("conv-one-channel", lambda: Conv2d(16, 3, 1, 1), (1, 12, 12)),
+    ("winograd-k3-p1", lambda: Conv2d(8, 3, 1, 1, algorithm="winograd"), (3, 9, 7)),
+    ("winograd-p0-odd", lambda: Conv2d(5, 3, 1, 0, algorithm="winograd"), (4, 9, 8)),
+    ("winograd-p2-no-bias", lambda: Conv2d(6, 3, 1, 2, bias=False, algorithm="winograd"), (3, 8, 10)),
+    ("winograd-speed-cnn-conv2", lambda: Conv2d(64, 3, 1, 1, algorithm="winograd"), (32, 14, 14)),
     ("maxpool-2-odd", lambda: MaxPool2d(2), (5, 9, 7)),
     ("maxpool-3-s2-p1", lambda: MaxPool2d(3, 2, 1), (4, 9, 8)),
     ("avgpool-3-s2-p1", lambda: AvgPool2d(3, 2, 1), (4, 9, 8)),
@@ -360,8 +377,10 @@ BIG = [{"type": "conv2d", "out": 8, "kernel": 3, "padding": 1}, {"type": "batchn
        {"type": "linear", "out": 32}, {"type": "relu"}, {"type": "dropout", "p": 0.5}, {"type": "linear", "out": 10}]
 
 
-def test_steady_state_cnn_step_allocates_no_new_arrays():
-    model = build_model(BIG, (1, 28, 28))
+@pytest.mark.parametrize("algorithm", ["auto", "winograd"])
+def test_steady_state_cnn_step_allocates_no_new_arrays(algorithm):
+    specs = [{**s, "algorithm": algorithm} if s["type"] == "conv2d" else s for s in BIG]
+    model = build_model(specs, (1, 28, 28))
     loss, opt = make_loss("cross_entropy"), make_optimizer("sgd", model.params, momentum=0.9)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)
@@ -463,3 +482,65 @@ def test_a_model_with_chunk_loops_takes_the_threads_from_blas_and_an_mlp_gives_t
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"{threads} 1 1 {threads} 7 (0, 20)"
+
+
+# -- Winograd F(2x2, 3x3) ----------------------------------------------------------------------
+
+def _conv_run(algorithm, in_shape, out, padding, batch=7, team=1, seed=0):
+    model = Sequential([Conv2d(out, 3, 1, padding, algorithm=algorithm)], in_shape, dtype=np.float32,
+                       input_grad=True, seed=4)
+    model.layers[0].team = Team(team)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *in_shape)).astype(np.float32)
+    y = np.array(model.forward(x, train=True))
+    dx = np.array(model.backward(rng.standard_normal(y.shape).astype(np.float32)))
+    return model.layers[0], y, dx, model.params.grad.copy()
+
+
+@pytest.mark.parametrize("in_shape, out, padding", [((32, 14, 14), 64, 1), ((5, 9, 8), 7, 0), ((6, 7, 10), 4, 2)])
+def test_winograd_and_im2col_compute_the_same_convolution(in_shape, out, padding):
+    """Two algorithms, one function: outputs and every gradient agree to float32 rounding."""
+    im2col, winograd = _conv_run("im2col", in_shape, out, padding), _conv_run("winograd", in_shape, out, padding)
+    assert not im2col[0].winograd and winograd[0].winograd
+    for a, b in zip(im2col[1:], winograd[1:]):
+        close(b, a)
+
+
+def test_winograd_gives_the_same_bits_on_a_team_of_two_and_with_one_sample_per_chunk():
+    """Chunks are cut by sample counts alone and dW's parts added in chunk order."""
+    one = _conv_run("winograd", (16, 12, 11), 24, 1, batch=9)
+    two = _conv_run("winograd", (16, 12, 11), 24, 1, batch=9, team=2)
+    for a, b in zip(one[1:], two[1:]):
+        np.testing.assert_array_equal(a, b)
+    Conv2d.WINOGRAD_CHUNK_BYTES, saved = 1, Conv2d.WINOGRAD_CHUNK_BYTES
+    try:
+        per_sample = _conv_run("winograd", (16, 12, 11), 24, 1, batch=9, team=2)
+    finally:
+        Conv2d.WINOGRAD_CHUNK_BYTES = saved
+    for a, b in zip(per_sample[1:], one[1:]):  # other GEMM shapes and dW's terms in other groups
+        close(a, b, rel=1e-6)
+
+
+def test_auto_picks_winograd_for_wide_3x3_stride_1_convolutions_with_compiled_transforms():
+    from ddtrain.engine import kernels
+    compiled = kernels.for_array_module(np).compiled_transforms
+    model = build_model([{"type": "conv2d", "out": 32, "kernel": 3, "padding": 1},
+                         {"type": "conv2d", "out": 64, "kernel": 3, "padding": 1},
+                         {"type": "conv2d", "out": 64, "kernel": 3, "stride": 2, "padding": 1},
+                         {"type": "conv2d", "out": 8, "kernel": 3, "padding": 1},
+                         {"type": "conv2d", "out": 64, "kernel": 5, "padding": 2},
+                         {"type": "conv2d", "out": 64, "kernel": 3, "padding": 1, "algorithm": "im2col"}],
+                        (1, 12, 12))
+    assert [layer.winograd for layer in model.layers] == [False, compiled, False, False, False, False]
+    assert ("Winograd" in model.layers[1].describe()) == compiled
+    if os.environ.get("CI") == "true":
+        assert compiled, "CI installs numba ('.[dev]'): the compiled transforms must be what runs"
+
+
+def test_a_winograd_convolution_that_does_not_fit_says_what_to_use():
+    with pytest.raises(ValueError, match="winograd needs kernel 3, stride 1 and padding <= 2.*im2col or auto"):
+        Conv2d(8, 3, 2, 1, algorithm="winograd")
+    with pytest.raises(ConfigError, match="layer 0 \\(conv2d\\): 'algorithm' must be one of auto, im2col, winograd"):
+        build_model([{"type": "conv2d", "out": 8, "kernel": 3, "algorithm": "fft"}], (1, 8, 8))
+    with pytest.raises(ConfigError, match="layer 0 \\(conv2d\\): algorithm winograd needs kernel 3"):
+        build_model([{"type": "conv2d", "out": 8, "kernel": 5, "algorithm": "winograd"}], (1, 8, 8))

@@ -110,6 +110,8 @@ def _step(specs):
 @pytest.mark.parametrize("name", ["cnn", "bench-cnn", "bench-cnn-bn"])
 def test_a_cnn_step_is_the_same_with_either(compiled, monkeypatch, name):
     specs = bench_layers(batchnorm=name.endswith("bn")) if name.startswith("bench") else load_config(name).model.layers
+    # Winograd where auto picks it with compiled loops, so both sides run the same algorithm
+    specs = [{**s, "algorithm": "winograd"} if s["type"] == "conv2d" and s["out"] >= 64 else s for s in specs]
     monkeypatch.setattr(kernels, "for_array_module", lambda xp: compiled)  # every layer's loops
     ours = _step(specs)
     monkeypatch.setattr(kernels, "for_array_module", lambda xp: kernels.Reference())
@@ -283,3 +285,40 @@ def test_compiled_bias_add_gives_the_reference_bits(compiled, order):
     cols = y0.copy(order="K")
     compiled.add_bias(cols[:, 30:90], b[30:90])  # a worker's block of columns
     assert np.array_equal(cols[:, 30:90], ref[:, 30:90]) and np.array_equal(cols[:, :30], y0[:, :30])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ho, wo", [(6, 8), (7, 5), (1, 1)])
+def test_compiled_winograd_transforms_give_the_reference_bits(compiled, dtype, ho, wo):
+    """Input, output (with and without bias, odd sizes cropped) and output-gradient transforms."""
+    from ddtrain.engine import winograd
+    rng = np.random.default_rng(3)
+    n, c, co = 3, 5, 4
+    th, tw = winograd.tiles(ho, wo)
+    layer = conv.Conv2d(co, 3, 1, 1)
+    src = rng.standard_normal((n, *winograd.padded_size(ho, wo), c)).astype(dtype)
+    m = rng.standard_normal((16, n * th * tw, co)).astype(dtype)
+    dy = rng.standard_normal((n, ho, wo, co)).astype(dtype)
+    bias = rng.standard_normal(co).astype(dtype)
+    out = {}
+    for impl in (kernels.Reference(), compiled):
+        v = np.full((16, n * th * tw, c), np.nan, dtype)
+        impl.winograd_input(layer, 0, src, th, tw, v)
+        y, yb = np.full((n, ho, wo, co), np.nan, dtype), np.full((n, ho, wo, co), np.nan, dtype)
+        impl.winograd_output(layer, 0, m, th, tw, None, y)
+        impl.winograd_output(layer, 0, m, th, tw, bias, yb)
+        dm = np.full((16, n * th * tw, co), np.nan, dtype)
+        impl.winograd_output_grad(layer, 0, dy, th, tw, dm)
+        out[impl.name] = (v, y, yb, dm)
+    for a, b in zip(out["numpy"], out["numba"]):
+        assert not np.isnan(a).any()
+        np.testing.assert_array_equal(a, b)
+    # and they are the transforms: B^T d B of the first tile, A^T M A of the first tile
+    v, y, _, dm = out["numba"]
+    bt, at = winograd.B_T, winograd.A_T
+    np.testing.assert_allclose(v[:, 0, 0].reshape(4, 4), bt @ src[0, :4, :4, 0] @ bt.T, rtol=1e-5, atol=1e-5)
+    full = at @ m[:, 0, 0].reshape(4, 4) @ at.T
+    np.testing.assert_allclose(y[0, :2, :2, 0], full[:min(2, ho), :min(2, wo)], rtol=1e-5, atol=1e-5)
+    g = np.zeros((2, 2))
+    g[:min(2, ho), :min(2, wo)] = dy[0, :2, :2, 0]
+    np.testing.assert_allclose(dm[:, 0, 0].reshape(4, 4), at.T @ g @ at, rtol=1e-5, atol=1e-5)
