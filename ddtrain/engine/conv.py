@@ -19,6 +19,13 @@ p: padding, xpad: x padded with p zeros, in NHWC):
               dx otherwise: dcols = dy @ Wm^T, added back with one strided add per kernel offset.
     With one input channel the columns are stored (k*k + 1, rows), one kernel offset at a time,
     the last row ones: the bias rides in the GEMM (Wm's last row) and db comes out of dW's.
+Or, for 3x3 stride-1 layers (`algorithm`; auto: 16+ channels in and out, compiled transforms),
+Winograd's F(2x2, 3x3) (ddtrain.engine.winograd), per chunk of samples:
+    forward   V = the input tiles transformed, M[ij] = V[ij] @ U[ij] for the 16 transformed
+              positions (U: the filter transformed once a step), y = M transformed back (+ b);
+    backward  dM = dy's tiles transformed, dU[ij] = V[ij]^T @ dM[ij] (V made again), dW = dU
+              transformed back to 3x3; dx = the Winograd convolution of dy padded by 2 - p
+              with the flipped, transposed kernel; db = sum of dy.
 Every chunk loop runs on the layer's `team` (ddtrain.engine.team): a chunk writes its own rows of
 the outputs, so workers never share one; dW's sum over chunks is added up in chunk order after
 the chunks' products are made. The chunks do not depend on the team's size, so neither does any
@@ -398,10 +405,16 @@ class Conv2d(_Spatial):
         step = max(1, self.WINOGRAD_CHUNK_BYTES // (16 * tiles_per_sample * channels * itemsize))
         return [(a, min(n, a + step)) for a in range(0, n, step)]
 
+    def _tiles_buf(self, name: str, slot: int, shape: tuple, dtype):
+        """A worker's transformed-tiles array (16, tiles, channels): a view of one flat buffer
+        per (name, slot), so a smaller chunk (the last of a batch, another batch size) and the
+        forward, weight-gradient and input-gradient passes reuse the same memory."""
+        return self._buf(f"wino-{name}{slot}", (math.prod(shape),), dtype).reshape(shape)
+
     def _scratch(self, dtype):
         return lambda tag, shape: self._buf(tag, shape, dtype)
 
-    def _winograd_conv(self, src, u, th, tw, bias, out, tag: str):
+    def _winograd_conv(self, src, u, th, tw, bias, out):
         """out (n, ho, wo, O) channels-last = the 3x3 convolution of src (n, 2th + 2, 2tw + 2, C),
         already padded, with the transformed filter u (16, C, O), per chunk on the team:
         input transform, 16 products, output transform (+ bias). Returns the chunk list."""
@@ -411,8 +424,8 @@ class Conv2d(_Spatial):
 
         def work(slot, a, b):
             t = (b - a) * th * tw
-            v = self._buf(f"{tag}-v{slot}", (16, t, c), src.dtype)
-            m = self._buf(f"{tag}-m{slot}", (16, t, co), src.dtype)
+            v = self._tiles_buf("a", slot, (16, t, c), src.dtype)
+            m = self._tiles_buf("b", slot, (16, t, co), src.dtype)
             kernels.winograd_input(self, slot, src[a:b], th, tw, v)
             xp.matmul(v, u, out=m)
             kernels.winograd_output(self, slot, m, th, tw, bias, out[a:b])
@@ -434,7 +447,7 @@ class Conv2d(_Spatial):
         u = self._buf("wino-u", (16, c, co), x.dtype)
         winograd.filter_transform(xp, self.W, g, self._scratch(x.dtype), u)
         y = self._buf("y", (n, co, ho, wo), x.dtype, CHANNELS_LAST)
-        self._winograd_conv(src, u, th, tw, self.b if self.has_bias else None, y.transpose(0, 2, 3, 1), "fwd")
+        self._winograd_conv(src, u, th, tw, self.b if self.has_bias else None, y.transpose(0, 2, 3, 1))
         self._src, self._x_shape = src, x.shape
         return y
 
@@ -457,8 +470,8 @@ class Conv2d(_Spatial):
 
         def work(slot, a, b):
             t = (b - a) * th * tw
-            v = self._buf(f"fwd-v{slot}", (16, t, c), dy.dtype)
-            dm = self._buf(f"bwd-dm{slot}", (16, t, co), dy.dtype)
+            v = self._tiles_buf("a", slot, (16, t, c), dy.dtype)
+            dm = self._tiles_buf("b", slot, (16, t, co), dy.dtype)
             kernels.winograd_input(self, slot, src[a:b], th, tw, v)
             kernels.winograd_output_grad(self, slot, d[a:b], th, tw, dm)
             xp.matmul(v.transpose(0, 2, 1), dm, out=parts[a // step])
@@ -482,7 +495,7 @@ class Conv2d(_Spatial):
         uf = self._buf("wino-uflip", (16, co, c), dy.dtype)
         winograd.filter_transform(xp, wflip, g, self._scratch(dy.dtype), uf)
         dx = self._buf("dx", (n, c, h, w), dy.dtype, CHANNELS_LAST)
-        self._winograd_conv(dpad, uf, hth, htw, None, dx.transpose(0, 2, 3, 1), "dx")
+        self._winograd_conv(dpad, uf, hth, htw, None, dx.transpose(0, 2, 3, 1))
         return dx
 
     def describe(self):
