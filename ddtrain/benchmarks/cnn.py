@@ -1,7 +1,7 @@
 """ddtrain's convolution layers against PyTorch on two FashionMNIST CNNs, one thread (or --threads).
 
 usage: python -m ddtrain.benchmarks.cnn [--rounds 7] [--steps 10] [--batch 128] [--models cnn,cnn-bn]
-                                        [--threads 1] [--no-torch] [--json out.json]
+                                        [--threads 1] [--no-torch] [--conv-algorithm auto] [--json out.json]
 
 `ddtrain bench --sections cnn` runs this script (one process, one BLAS thread) and reads its --json.
 
@@ -19,7 +19,9 @@ samples/s (the JSON keeps each round's figure in "runs", so ratios can be paired
 round). The limit is what the model's FLOPs allow at this machine's measured single-thread
 sgemm rate (a 2048^3 product): limit = sgemm FLOP/s / training FLOPs per sample, where training
 counts forward, the weight gradients and the input gradients backward needs (2 FLOPs per
-multiply-add). The per-layer profile is ddtrain's forward and backward time per layer, median
+multiply-add) of the direct convolution; a layer that runs Winograd's algorithm makes 2.25x
+fewer multiply-adds in its products, so "of limit" compares with what direct convolution at
+sgemm's rate would reach (the per-layer profile names the layers that run it). The per-layer profile is ddtrain's forward and backward time per layer, median
 over rounds, from a separate layer-by-layer step. The load average before and after is printed:
 on a shared machine every figure moves with it (the ratio much less, as rounds alternate).
 ddtrain's pool and BatchNorm loops are numba's where it is installed (DDTRAIN_KERNELS=numpy for the array
@@ -44,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="cnn,cnn-bn", help="comma-separated: cnn, cnn-bn")
     p.add_argument("--threads", type=int, default=1, help="threads for both (read before numpy loads)")
     p.add_argument("--no-torch", action="store_true", help="ddtrain only (no torch installed)")
+    p.add_argument("--conv-algorithm", default="auto", choices=["auto", "im2col", "winograd"],
+                   help="ddtrain's convolutions' algorithm (auto: as training picks it)")
     p.add_argument("--json", help="also write the results here")
     return p
 
@@ -205,8 +209,16 @@ def spread(values) -> dict:
     return {"runs": list(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def measure(name: str, rounds: int, steps: int, batch: int, with_torch: bool = True) -> dict:
-    specs = MODELS[name]
+def with_algorithm(specs: list[dict], algorithm: str) -> list[dict]:
+    """The layer list with every conv2d's `algorithm` set (auto: as given)."""
+    if algorithm == "auto":
+        return specs
+    return [{**s, "algorithm": algorithm} if s["type"] == "conv2d" else s for s in specs]
+
+
+def measure(name: str, rounds: int, steps: int, batch: int, with_torch: bool = True,
+            algorithm: str = "auto") -> dict:
+    specs = with_algorithm(MODELS[name], algorithm)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((batch, *IN_SHAPE), dtype=np.float32)
     y = rng.integers(0, 10, batch)
@@ -269,7 +281,8 @@ def main() -> None:
     from ddtrain.engine import blas
     blas_threads = blas.threads()  # what the environment set before numpy loaded (models then take them)
     sgemm = sgemm_rate()
-    results = [measure(m, args.rounds, args.steps, args.batch, not args.no_torch) for m in args.models.split(",")]
+    results = [measure(m, args.rounds, args.steps, args.batch, not args.no_torch, args.conv_algorithm)
+               for m in args.models.split(",")]
     load_after = os.getloadavg()
     print(render(results, sgemm))
     print(f"\nload average (1, 5, 15 min): before {', '.join(f'{v:.2f}' for v in load_before)}; "
