@@ -176,7 +176,9 @@ class Conv2d(_Spatial):
 
     x: (N, C, H, W) -> y: (N, out, Ho, Wo), Ho = floor((H + 2p - k) / s) + 1 (the same for W).
     Parameters "weight" (out, C, k, k) and "bias" (out,). y is channels-last in memory (see the
-    module docstring); keeps the padded input (N, H + 2p, W + 2p, C) for dW.
+    module docstring); keeps the padded input (N, H + 2p, W + 2p, C; for Winograd padded up to
+    the tiles' cover) for dW. algorithm: "im2col", "winograd" (3x3, stride 1, padding <= 2) or
+    "auto" (see `bind`); both compute the same function, rounded differently.
     """
 
     CHUNK_BYTES = 1 << 20  # im2col columns per GEMM: a chunk this size stays in cache
