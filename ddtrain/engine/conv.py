@@ -100,6 +100,11 @@ def channel_sums(layer: Layer, a, tag: str):
     return out
 
 
+def sample_ranges(n: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of `step` samples covering n (the last one shorter); [] for n = 0."""
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
 def _positive(name: str, v, low: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise ValueError(f"{name} must be an integer >= {low}, not {v!r}")
@@ -121,7 +126,7 @@ class _Spatial(Layer):
     def _sample_chunks(self, n: int, per_sample_bytes: int) -> list[tuple[int, int]]:
         """(start, stop) ranges of samples holding about SAMPLE_CHUNK_BYTES of one array each."""
         step = max(1, self.SAMPLE_CHUNK_BYTES // max(1, per_sample_bytes))
-        return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
+        return sample_ranges(n, step) or [(0, 0)]
 
     def _const(self, tag: str, shape: tuple, dtype, value, order: str = "C"):
         """A reusable buffer filled with `value` once, when made. Callers may overwrite a part of
@@ -250,7 +255,7 @@ class Conv2d(_Spatial):
         """(start, stop) sample ranges: CHUNK_BYTES of im2col columns each, at least MIN_ROWS rows."""
         rows = max(self.MIN_ROWS, self.CHUNK_BYTES // (cols * itemsize))
         step = max(1, rows // rows_per_sample)  # the same for any team size: the same rows per GEMM
-        return [(a, min(n, a + step)) for a in range(0, n, step)]
+        return sample_ranges(n, step)
 
     def _im2col(self, src, a: int, b: int, ho: int, wo: int, k: int, s: int, tag: str, step: int):
         """The (rows, k*k*C) im2col matrix of samples a:b of `src` (N, Hp, Wp, C) C-contiguous,
@@ -369,11 +374,7 @@ class Conv2d(_Spatial):
                 xp.matmul(dcols, wfmat, out=dx2[a * h * w:b * h * w])
 
         self.team.run(work, chunks)
-        acc = parts[0]
-        for part in parts[1:]:
-            xp.add(acc, part, out=acc)
-        if n == 0:
-            acc.fill(0)
+        acc = self._sum_in_chunk_order(parts, n)
         dwm = acc.T if fold else acc
         self.dW[...] = dwm[:, :kk].reshape(co, k, k, c).transpose(0, 3, 1, 2)
         if self.has_bias and fold:
@@ -393,6 +394,16 @@ class Conv2d(_Spatial):
         dx.transpose(0, 2, 3, 1)[...] = dxpad[:, p:p + h, p:p + w, :]
         return dx
 
+    def _sum_in_chunk_order(self, parts: list, n: int):
+        """parts[0] += every later part, in chunk order: the same sum, bit for bit, whichever
+        worker made each part; zeros for an empty slice (n = 0: no chunk wrote parts[0])."""
+        acc = parts[0]
+        for part in parts[1:]:
+            self.xp.add(acc, part, out=acc)
+        if n == 0:
+            acc.fill(0)
+        return acc
+
     def _nhwc_grad(self, dy):
         """dy (N, out, Ho, Wo) as an (N, Ho, Wo, out) C-contiguous array (a view, or one copy)."""
         if is_channels_last(dy):
@@ -405,7 +416,7 @@ class Conv2d(_Spatial):
     def _winograd_chunks(self, n: int, tiles_per_sample: int, channels: int, itemsize: int):
         """(start, stop) sample ranges of about WINOGRAD_CHUNK_BYTES of transformed tiles each."""
         step = max(1, self.WINOGRAD_CHUNK_BYTES // (16 * tiles_per_sample * channels * itemsize))
-        return [(a, min(n, a + step)) for a in range(0, n, step)]
+        return sample_ranges(n, step)
 
     def _tiles_buf(self, name: str, slot: int, shape: tuple, dtype):
         """A worker's transformed-tiles array (16, tiles, channels): a view of one flat buffer
@@ -413,13 +424,22 @@ class Conv2d(_Spatial):
         forward, weight-gradient and input-gradient passes reuse the same memory."""
         return self._buf(f"wino-{name}{slot}", (math.prod(shape),), dtype).reshape(shape)
 
+    def _winograd_g(self, dtype):
+        """Winograd's G (4, 3) as a device array of `dtype`, filled once."""
+        g = self._buf("wino-G", winograd.G.shape, dtype)
+        key = ("wino-G", np.dtype(dtype))
+        if key not in self._filled:
+            g[...] = self.xp.asarray(winograd.G, dtype=dtype)
+            self._filled.add(key)
+        return g
+
     def _scratch(self, dtype):
         return lambda tag, shape: self._buf(tag, shape, dtype)
 
     def _winograd_conv(self, src, u, th, tw, bias, out):
         """out (n, ho, wo, O) channels-last = the 3x3 convolution of src (n, 2th + 2, 2tw + 2, C),
         already padded, with the transformed filter u (16, C, O), per chunk on the team:
-        input transform, 16 products, output transform (+ bias). Returns the chunk list."""
+        input transform, 16 products, output transform (+ bias)."""
         xp, kernels = self.xp, self.kernels
         n, c, co = src.shape[0], src.shape[3], u.shape[2]
         chunks = self._winograd_chunks(n, th * tw, max(c, co), src.dtype.itemsize)
@@ -444,8 +464,7 @@ class Conv2d(_Spatial):
         th, tw = winograd.tiles(ho, wo)
         src = self._const("xpad-wino", (n, *winograd.padded_size(ho, wo), c), x.dtype, 0)  # borders stay 0
         src[:, p:p + h, p:p + w, :] = x.transpose(0, 2, 3, 1)
-        g = self._buf("wino-G", winograd.G.shape, x.dtype)
-        g[...] = xp.asarray(winograd.G, dtype=x.dtype)  # 12 numbers; backward reads them too
+        g = self._winograd_g(x.dtype)
         u = self._buf("wino-u", (16, c, co), x.dtype)
         winograd.filter_transform(xp, self.W, g, self._scratch(x.dtype), u)
         y = self._buf("y", (n, co, ho, wo), x.dtype, CHANNELS_LAST)
@@ -464,7 +483,7 @@ class Conv2d(_Spatial):
         if self.has_bias:
             self.db[...] = channel_sums(self, d.transpose(0, 3, 1, 2), "db")
         th, tw = winograd.tiles(ho, wo)
-        g = self._buf("wino-G", winograd.G.shape, dy.dtype)  # set by the forward
+        g = self._winograd_g(dy.dtype)
         chunks = self._winograd_chunks(n, th * tw, max(c, co), dy.dtype.itemsize)
         parts = [self._buf(f"wino-du{i}", (16, c, co), dy.dtype) for i in range(max(1, len(chunks)))]
         step = chunks[0][1] if chunks else 1
@@ -479,11 +498,7 @@ class Conv2d(_Spatial):
             xp.matmul(v.transpose(0, 2, 1), dm, out=parts[a // step])
 
         self.team.run(work, chunks)
-        acc = parts[0]
-        for part in parts[1:]:  # in chunk order: the same sum whichever worker made each part
-            xp.add(acc, part, out=acc)
-        if n == 0:
-            acc.fill(0)
+        acc = self._sum_in_chunk_order(parts, n)
         winograd.filter_gradient(xp, acc, g, self._scratch(dy.dtype), self.dW)
         if not self.needs_input_grad:
             return None
